@@ -1,0 +1,62 @@
+"""Configuration of the ingestion stage: where Kafka is, which topics, how the pipeline batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EMBEDDED = "embedded"
+
+
+class KafkaConfig(BaseModel):
+    """How to reach Kafka. `bootstrap_servers="embedded"` means the broker `plum stack up` started."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bootstrap_servers: str = EMBEDDED
+    events_topic: str = "plum.events"
+    items_topic: str = "plum.items"
+    dlq_topic: str = "plum.events.dlq"
+    events_partitions: int = Field(4, ge=1)
+    items_partitions: int = Field(1, ge=1)
+    dlq_partitions: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    # Passed through to every kafka-python client (security_protocol, sasl_mechanism, ssl_cafile...).
+    client_options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.bootstrap_servers == EMBEDDED
+
+
+class RewardConfig(BaseModel):
+    """Reward of an event: a configured function of its type, rating and watch fraction.
+
+    rating events: rating / rating_scale; watch events: watch_seconds / item_duration_seconds
+    (clipped to [0, 1]), or `watch_without_duration` when the duration is unknown; every other
+    type: its fixed value below.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    impression: float = 0.0
+    click: float = 0.3
+    like: float = 1.0
+    dislike: float = 0.0
+    watch_without_duration: float = 0.5
+
+
+class PipelineConfig(BaseModel):
+    """Sizes and policies of the streaming pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runner: str = "DirectRunner"
+    consumer_group: str = "plum-pipeline"
+    poll_max_records: int = Field(2000, ge=1)
+    poll_timeout_ms: int = Field(200, ge=1)
+    history_length: int = Field(50, ge=1)
+    cooccurrence_window: int = Field(10, ge=1)
+    max_payload_bytes: int = Field(65536, ge=256)
+    reward: RewardConfig = Field(default_factory=RewardConfig)

@@ -1,0 +1,271 @@
+"""The pipeline's sinks, applied batch by batch with one commit protocol.
+
+For each parsed batch, under one process-wide lock:
+  1. rejects go to the dead-letter topic (value = the original bytes, the reason in headers),
+     and the producer is flushed;
+  2. one state transaction: de-duplicate by event_id, fold events into user histories, item
+     stats and co-occurrences, replace item metadata, stage the training-log files and the
+     Feast offline files, record the offsets and a pending-publication entry; commit;
+  3. publish: rename the staged files into place, push the changed entities' absolute
+     feature values to the Feast online store, clear the pending entry;
+  4. commit the partition's read position to the Kafka consumer group (so standard tools see
+     the lag; the state store, not Kafka, decides where reading resumes).
+A crash anywhere leaves either an uncommitted batch (its staged files are discarded and its
+records re-read) or a committed one whose publication `recover()` completes: no event is lost,
+none is applied twice. Every write is idempotent, so recovery may repeat any step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import apache_beam as beam
+import pandas as pd
+from apache_beam.metrics import Metrics
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from features import FeatureStoreClient
+from features.config import FeastConfig
+from ingest.config import KafkaConfig, PipelineConfig
+from ingest.events import EngagementEvent, ItemUpsert
+from ingest.kafka_clients import make_consumer, make_producer
+from ingest.parse import ParsedBatch, Reject
+from ingest.state_store import ItemMetadata, ItemStats, PipelineStateStore, UserHistory
+from ingest.training_log import TrainingLogWriter
+
+VIEWS = ("user_history", "item_stats", "item_metadata")
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """Everything the sinks need; picklable so Beam can ship it to workers."""
+
+    kafka: KafkaConfig
+    pipeline: PipelineConfig
+    feast: FeastConfig
+    feast_repo_dir: str
+    state_db: str
+    training_log_dir: str
+    progress_interval_s: float | None = 5.0  # None: no progress lines
+
+
+class ProgressReporter:
+    """Prints totals and rates every `interval` seconds from whichever thread applies a batch."""
+
+    def __init__(self, interval: float | None) -> None:
+        self.interval = interval
+        self.started = self.last = time.monotonic()
+        self.totals = {"events": 0, "duplicates": 0, "items": 0, "rejected": 0}
+
+    def add(self, counts: dict[str, int]) -> None:
+        for key in self.totals:
+            self.totals[key] += counts.get(key, 0)
+        now = time.monotonic()
+        if self.interval is not None and now - self.last >= self.interval:
+            self.last = now
+            t = self.totals
+            rate = t["events"] / (now - self.started)
+            print(f"pipeline: {t['events']:,} events applied ({rate:,.0f}/s), {t['duplicates']:,} duplicates, "
+                  f"{t['items']:,} item upserts, {t['rejected']:,} to the DLQ", flush=True)
+
+
+def user_history_frame(users: list[UserHistory]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "user_id": [u.user_id for u in users],
+        "history_item_ids": [u.item_ids for u in users],
+        "history_rewards": [[float(r) for r in u.rewards] for u in users],
+        "history_times": [[int(t) for t in u.times] for u in users],
+        "event_count": [u.event_count for u in users],
+        "event_timestamp": pd.to_datetime([u.last_event_time for u in users], unit="s", utc=True),
+    })
+
+
+def item_stats_frame(items: list[ItemStats]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "item_id": [s.item_id for s in items],
+        "impressions": [s.impressions for s in items],
+        "clicks": [s.clicks for s in items],
+        "event_count": [s.event_count for s in items],
+        "mean_reward": [s.mean_reward for s in items],
+        "last_event_time": [s.last_event_time for s in items],
+        "event_timestamp": pd.to_datetime([s.last_event_time for s in items], unit="s", utc=True),
+    })
+
+
+def item_metadata_frame(items: list[ItemMetadata]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "item_id": [m.item_id for m in items],
+        "title": [m.title for m in items],
+        "tags": [m.tags for m in items],
+        "published_at": pd.array([m.published_at for m in items], dtype="Int64"),
+        "event_timestamp": pd.to_datetime([m.updated_at for m in items], unit="s", utc=True),
+    })
+
+
+class BatchApplier:
+    """Applies parsed batches to every sink with the commit protocol above. Thread-safe."""
+
+    def __init__(self, settings: SinkSettings) -> None:
+        self.settings = settings
+        self.lock = threading.Lock()
+        self.state = PipelineStateStore(Path(settings.state_db), settings.pipeline.history_length,
+                                        settings.pipeline.cooccurrence_window)
+        self.training_log = TrainingLogWriter(Path(settings.training_log_dir))
+        self.features = FeatureStoreClient(Path(settings.feast_repo_dir), settings.feast)
+        self._producer: Any = None
+        self._committer: Any = None
+        self.progress = ProgressReporter(settings.progress_interval_s)
+
+    def _dlq_producer(self) -> Any:
+        if self._producer is None:
+            self._producer = make_producer(self.settings.kafka)
+        return self._producer
+
+    def _send_rejects(self, rejects: list[Reject]) -> None:
+        if not rejects:
+            return
+        producer = self._dlq_producer()
+        for reject in rejects:
+            headers = [
+                ("plum.dlq.reason", reject.reason.encode()),
+                ("plum.source.topic", reject.topic.encode()),
+                ("plum.source.partition", str(reject.partition).encode()),
+                ("plum.source.offset", str(reject.offset).encode()),
+            ]
+            producer.send(self.settings.kafka.dlq_topic, key=reject.key, value=reject.value, headers=headers)
+        producer.flush()
+
+    def apply(self, batch: ParsedBatch) -> dict[str, int]:
+        """Apply one batch to all sinks; returns counts of what it did."""
+        with self.lock:
+            self._send_rejects(batch.rejects)
+            batch_id = f"{batch.topic}-{batch.partition}-{batch.start_offset:020d}-{batch.next_offset:020d}"
+            events = [r for r in batch.records if isinstance(r, EngagementEvent)]
+            upserts = [r for r in batch.records if isinstance(r, ItemUpsert)]
+            offset_of = {r.event_id: o for r, o in zip(batch.records, batch.offsets) if isinstance(r, EngagementEvent)}
+            self.state.begin()
+            try:
+                changes = self.state.apply_events(events, self.settings.pipeline.reward)
+                metadata = self.state.apply_items(upserts, int(time.time())) if upserts else []
+                self.training_log.stage(batch_id, changes.new_events, changes.rewards, batch.partition,
+                                        [offset_of[e.event_id] for e in changes.new_events])
+                frames = self._frames(changes.users, changes.items, metadata)
+                for view, frame in frames.items():
+                    self.features.stage_offline(view, frame, batch_id)
+                self.state.record_batch(batch.topic, batch.partition, batch.start_offset, batch.next_offset,
+                                        len(batch.rejects))
+                self.state.add_pending(batch_id, [u.user_id for u in changes.users],
+                                       [s.item_id for s in changes.items], [m.item_id for m in metadata])
+                self.state.commit()
+            except BaseException:
+                self.state.rollback()
+                self.training_log.discard(batch_id)
+                for view in VIEWS:
+                    self.features.discard_offline(view, batch_id)
+                raise
+            self._publish(batch_id, frames)
+            self._commit_position(batch.topic, batch.partition)
+            counts = {"events": len(changes.new_events), "duplicates": changes.duplicates,
+                      "items": len(upserts), "rejected": len(batch.rejects)}
+            self.progress.add(counts)
+            return counts
+
+    def _frames(self, users: list[UserHistory], items: list[ItemStats],
+                metadata: list[ItemMetadata]) -> dict[str, pd.DataFrame]:
+        frames = {}
+        if users:
+            frames["user_history"] = user_history_frame(users)
+        if items:
+            frames["item_stats"] = item_stats_frame(items)
+        if metadata:
+            frames["item_metadata"] = item_metadata_frame(metadata)
+        return frames
+
+    def _publish(self, batch_id: str, frames: dict[str, pd.DataFrame]) -> None:
+        self.training_log.publish(batch_id)
+        for view, frame in frames.items():
+            self.features.publish_offline(view, batch_id)
+            self.features.push_online(view, frame)
+        self.state.clear_pending(batch_id)
+
+    def _commit_position(self, topic: str, partition: int) -> None:
+        if self._committer is None:
+            self._committer = make_consumer(self.settings.kafka, group_id=self.settings.pipeline.consumer_group)
+        position = self.state.read_position(topic, partition)
+        self._committer.commit({TopicPartition(topic, partition): OffsetAndMetadata(position, "", -1)})
+
+    def recover(self) -> int:
+        """Finish what a crash interrupted: publish committed batches, discard uncommitted ones."""
+        with self.lock:
+            pending = self.state.pending()
+            committed = {batch_id for batch_id, *_ in pending}
+            for batch_id in self.training_log.staged_batches():
+                if batch_id not in committed:
+                    self.training_log.discard(batch_id)
+            for view, batch_id in self.features.pending_offline():
+                if batch_id not in committed:
+                    self.features.discard_offline(view, batch_id)
+            for batch_id, users, items, metadata_items in pending:
+                frames = self._frames(
+                    list(self.state.load_users(users).values()),
+                    list(self.state.load_items(items).values()),
+                    list(self.state.load_metadata(metadata_items).values()),
+                )
+                # Offline files were staged in the committed transaction; online values are re-read.
+                self._publish(batch_id, frames)
+            return len(pending)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+        if self._committer is not None:
+            self._committer.close()
+        self.state.close()
+
+
+_APPLIERS: dict[str, BatchApplier] = {}
+_APPLIERS_LOCK = threading.Lock()
+
+
+def shared_applier(settings: SinkSettings) -> BatchApplier:
+    """One applier per process and state store: DoFn instances on runner threads share it."""
+    with _APPLIERS_LOCK:
+        if settings.state_db not in _APPLIERS:
+            applier = BatchApplier(settings)
+            applier.recover()
+            _APPLIERS[settings.state_db] = applier
+        return _APPLIERS[settings.state_db]
+
+
+def close_shared_appliers() -> None:
+    with _APPLIERS_LOCK:
+        for applier in _APPLIERS.values():
+            applier.close()
+        _APPLIERS.clear()
+
+
+class ApplyBatches(beam.DoFn):
+    """ParsedBatch -> per-batch counts, after every sink has flushed."""
+
+    def __init__(self, settings: SinkSettings) -> None:
+        self.settings = settings
+        self.events = Metrics.counter("plum.ingest", "events_applied")
+        self.duplicates = Metrics.counter("plum.ingest", "events_duplicate")
+        self.items = Metrics.counter("plum.ingest", "items_upserted")
+        self.dlq = Metrics.counter("plum.ingest", "dlq_records")
+
+    def setup(self) -> None:
+        self.applier = shared_applier(self.settings)
+
+    def process(self, batch: ParsedBatch) -> Iterator[dict[str, Any]]:
+        counts = self.applier.apply(batch)
+        self.events.inc(counts["events"])
+        self.duplicates.inc(counts["duplicates"])
+        self.items.inc(counts["items"])
+        self.dlq.inc(counts["rejected"])
+        yield {"topic": batch.topic, "partition": batch.partition, "next_offset": batch.next_offset, **counts}

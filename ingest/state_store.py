@@ -1,0 +1,303 @@
+"""The pipeline's durable state: de-duplication, per-user history, per-item stats, co-occurrence
+counts, item metadata, read positions and batches awaiting publication, in one SQLite file.
+
+Everything a batch changes is committed in one transaction together with the offsets it came
+from, so after a crash the pipeline resumes exactly where its state is, and an event id seen
+once is never applied again (events delivered twice count once).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ingest.config import RewardConfig
+from ingest.events import EngagementEvent, EventType, ItemUpsert
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_history (
+    user_id TEXT PRIMARY KEY, item_ids TEXT NOT NULL, rewards TEXT NOT NULL, times TEXT NOT NULL,
+    event_count INTEGER NOT NULL, last_event_time INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS item_stats (
+    item_id TEXT PRIMARY KEY, impressions INTEGER NOT NULL, clicks INTEGER NOT NULL,
+    event_count INTEGER NOT NULL, reward_sum REAL NOT NULL, last_event_time INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS item_metadata (
+    item_id TEXT PRIMARY KEY, title TEXT NOT NULL, tags TEXT NOT NULL, published_at INTEGER,
+    description TEXT, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cooccurrence (
+    item_a TEXT NOT NULL, item_b TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (item_a, item_b)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS read_positions (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS applied_ranges (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, start_offset INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition, start_offset)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_publish (
+    batch_id TEXT PRIMARY KEY, users TEXT NOT NULL, items TEXT NOT NULL, metadata_items TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+_CHUNK = 900  # SQLite's default limit on bound parameters is 999
+
+
+def _chunks(values: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(values), _CHUNK):
+        yield values[i:i + _CHUNK]
+
+
+@dataclass
+class UserHistory:
+    """The last `history_length` engagements of a user, oldest first."""
+
+    user_id: str
+    item_ids: list[str]
+    rewards: list[float]
+    times: list[int]
+    event_count: int
+    last_event_time: int
+
+
+@dataclass
+class ItemStats:
+    item_id: str
+    impressions: int
+    clicks: int
+    event_count: int
+    reward_sum: float
+    last_event_time: int
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / self.event_count if self.event_count else 0.0
+
+
+@dataclass
+class ItemMetadata:
+    item_id: str
+    title: str
+    tags: list[str]
+    published_at: int | None
+    description: str | None
+    updated_at: int
+
+
+@dataclass
+class BatchChanges:
+    """What one applied batch changed: the entities whose features must be pushed."""
+
+    new_events: list[EngagementEvent]
+    rewards: list[float]
+    duplicates: int
+    users: list[UserHistory]
+    items: list[ItemStats]
+    metadata: list[ItemMetadata]
+
+
+def _epoch(event: EngagementEvent) -> int:
+    return int(event.event_time.timestamp())
+
+
+class PipelineStateStore:
+    """One SQLite database; callers serialise batches (one writer at a time)."""
+
+    def __init__(self, path: Path, history_length: int = 50, cooccurrence_window: int = 10) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.history_length = history_length
+        self.cooccurrence_window = cooccurrence_window
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- read positions -------------------------------------------------------------------
+    def read_position(self, topic: str, partition: int) -> int:
+        """Where reading this partition resumes: the end of the contiguous applied prefix."""
+        row = self.db.execute(
+            "SELECT next_offset FROM read_positions WHERE topic=? AND partition=?", (topic, partition)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def reset_read_positions(self) -> int:
+        """Forget where each partition was read to (the topics were recreated); returns rows removed."""
+        n = self.db.execute("DELETE FROM read_positions").rowcount
+        self.db.execute("DELETE FROM applied_ranges")
+        return n
+
+    def read_positions(self) -> dict[tuple[str, int], int]:
+        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM read_positions")}
+
+    def _record_range(self, topic: str, partition: int, start: int, stop: int) -> None:
+        # Batches of one partition may commit out of order; the position only moves over a gap-free prefix.
+        self.db.execute("INSERT OR REPLACE INTO applied_ranges VALUES (?,?,?,?)", (topic, partition, start, stop))
+        position = self.read_position(topic, partition)
+        ranges = dict(self.db.execute(
+            "SELECT start_offset, next_offset FROM applied_ranges WHERE topic=? AND partition=?", (topic, partition)
+        ).fetchall())
+        while position in ranges:
+            position = ranges[position]
+        self.db.execute(
+            "DELETE FROM applied_ranges WHERE topic=? AND partition=? AND next_offset<=?", (topic, partition, position)
+        )
+        self.db.execute("INSERT OR REPLACE INTO read_positions VALUES (?,?,?)", (topic, partition, position))
+
+    # -- applying a batch -----------------------------------------------------------------
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def _new_events(self, events: list[EngagementEvent]) -> list[EngagementEvent]:
+        unique: dict[str, EngagementEvent] = {}
+        for event in events:
+            unique.setdefault(event.event_id, event)
+        ids = list(unique)
+        seen: set[str] = set()
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            seen.update(r[0] for r in self.db.execute(f"SELECT event_id FROM seen_events WHERE event_id IN ({marks})", chunk))
+        fresh = [unique[i] for i in ids if i not in seen]
+        self.db.executemany("INSERT INTO seen_events VALUES (?)", ((e.event_id,) for e in fresh))
+        return fresh
+
+    def load_users(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
+        out: dict[str, UserHistory] = {}
+        for chunk in _chunks(list(user_ids)):
+            marks = ",".join("?" * len(chunk))
+            for uid, items, rewards, times, count, last in self.db.execute(
+                f"SELECT * FROM user_history WHERE user_id IN ({marks})", chunk
+            ):
+                out[uid] = UserHistory(uid, json.loads(items), json.loads(rewards), json.loads(times), count, last)
+        return out
+
+    def load_items(self, item_ids: Iterable[str]) -> dict[str, ItemStats]:
+        out: dict[str, ItemStats] = {}
+        for chunk in _chunks(list(item_ids)):
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(f"SELECT * FROM item_stats WHERE item_id IN ({marks})", chunk):
+                out[row[0]] = ItemStats(*row)
+        return out
+
+    def load_metadata(self, item_ids: Iterable[str]) -> dict[str, ItemMetadata]:
+        out: dict[str, ItemMetadata] = {}
+        for chunk in _chunks(list(item_ids)):
+            marks = ",".join("?" * len(chunk))
+            for iid, title, tags, published, description, updated in self.db.execute(
+                f"SELECT * FROM item_metadata WHERE item_id IN ({marks})", chunk
+            ):
+                out[iid] = ItemMetadata(iid, title, json.loads(tags), published, description, updated)
+        return out
+
+    def apply_events(self, events: list[EngagementEvent], reward: RewardConfig) -> BatchChanges:
+        """De-duplicate, then fold the new events into histories, stats and co-occurrences."""
+        fresh = self._new_events(events)
+        duplicates = len(events) - len(fresh)
+        fresh.sort(key=lambda e: (e.event_time, e.event_id))
+        rewards = [e.reward(reward) for e in fresh]
+        by_user: dict[str, list[int]] = defaultdict(list)
+        for i, event in enumerate(fresh):
+            by_user[event.user_id].append(i)
+        users = self.load_users(by_user)
+        items = self.load_items({e.item_id for e in fresh})
+        pairs: Counter[tuple[str, str]] = Counter()
+        window = self.cooccurrence_window
+        for uid, indices in by_user.items():
+            history = users.get(uid) or UserHistory(uid, [], [], [], 0, 0)
+            entries = list(zip(history.times, history.item_ids, history.rewards))
+            for i in indices:
+                event = fresh[i]
+                for other in {item for _, item, _ in entries[-window:]}:
+                    if other != event.item_id:
+                        pairs[(min(other, event.item_id), max(other, event.item_id))] += 1
+                entries.append((_epoch(event), event.item_id, rewards[i]))
+            entries.sort(key=lambda entry: entry[0])  # stable: ties keep arrival order
+            entries = entries[-self.history_length:]
+            users[uid] = UserHistory(
+                uid, [e[1] for e in entries], [e[2] for e in entries], [e[0] for e in entries],
+                history.event_count + len(indices), max(history.last_event_time, entries[-1][0]),
+            )
+        for i, event in enumerate(fresh):
+            stats = items.get(event.item_id) or ItemStats(event.item_id, 0, 0, 0, 0.0, 0)
+            stats.impressions += event.event_type is EventType.IMPRESSION
+            stats.clicks += event.event_type is EventType.CLICK
+            stats.event_count += 1
+            stats.reward_sum += rewards[i]
+            stats.last_event_time = max(stats.last_event_time, _epoch(event))
+            items[event.item_id] = stats
+        changed_users = [users[u] for u in by_user]
+        self.db.executemany(
+            "INSERT OR REPLACE INTO user_history VALUES (?,?,?,?,?,?)",
+            ((u.user_id, json.dumps(u.item_ids), json.dumps(u.rewards), json.dumps(u.times), u.event_count,
+              u.last_event_time) for u in changed_users),
+        )
+        self.db.executemany(
+            "INSERT OR REPLACE INTO item_stats VALUES (?,?,?,?,?,?)",
+            ((s.item_id, s.impressions, s.clicks, s.event_count, s.reward_sum, s.last_event_time) for s in items.values()),
+        )
+        self.db.executemany(
+            "INSERT INTO cooccurrence VALUES (?,?,?) ON CONFLICT(item_a, item_b) DO UPDATE SET count = count + excluded.count",
+            ((a, b, n) for (a, b), n in pairs.items()),
+        )
+        self._bump("events_applied", len(fresh))
+        self._bump("events_duplicate", duplicates)
+        return BatchChanges(fresh, rewards, duplicates, changed_users, list(items.values()), [])
+
+    def apply_items(self, upserts: list[ItemUpsert], updated_at: int) -> list[ItemMetadata]:
+        """Item upserts replace the item's metadata; the last upsert of a batch wins."""
+        latest = {u.item_id: u for u in upserts}
+        rows = [
+            ItemMetadata(u.item_id, u.title, list(u.tags),
+                         int(u.published_at.timestamp()) if u.published_at else None, u.description, updated_at)
+            for u in latest.values()
+        ]
+        self.db.executemany(
+            "INSERT OR REPLACE INTO item_metadata VALUES (?,?,?,?,?,?)",
+            ((m.item_id, m.title, json.dumps(m.tags), m.published_at, m.description, m.updated_at) for m in rows),
+        )
+        self._bump("items_upserted", len(upserts))
+        return rows
+
+    def record_batch(self, topic: str, partition: int, start: int, stop: int, rejected: int) -> None:
+        self._record_range(topic, partition, start, stop)
+        self._bump("records_rejected", rejected)
+
+    # -- publication bookkeeping ----------------------------------------------------------
+    def add_pending(self, batch_id: str, users: list[str], items: list[str], metadata_items: list[str]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO pending_publish VALUES (?,?,?,?)",
+                        (batch_id, json.dumps(users), json.dumps(items), json.dumps(metadata_items)))
+
+    def pending(self) -> list[tuple[str, list[str], list[str], list[str]]]:
+        return [(b, json.loads(u), json.loads(i), json.loads(m))
+                for b, u, i, m in self.db.execute("SELECT * FROM pending_publish ORDER BY batch_id")]
+
+    def clear_pending(self, batch_id: str) -> None:
+        self.db.execute("DELETE FROM pending_publish WHERE batch_id=?", (batch_id,))
+
+    # -- counters and reads for tools and tests ---------------------------------------------
+    def _bump(self, name: str, n: int) -> None:
+        if n:
+            self.db.execute(
+                "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                (name, n),
+            )
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, value FROM counters"))
+
+    def cooccurrence(self, min_count: int = 1) -> list[tuple[str, str, int]]:
+        """Item pairs seen within `cooccurrence_window` of each other in a user's history."""
+        return list(self.db.execute("SELECT item_a, item_b, count FROM cooccurrence WHERE count >= ?", (min_count,)))

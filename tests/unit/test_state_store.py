@@ -1,0 +1,85 @@
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ingest.config import RewardConfig
+from ingest.producer import new_event
+from ingest.state_store import PipelineStateStore
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def ev(user, item, minutes, kind="click"):
+    return new_event("t", user_id=user, item_id=item, event_type=kind, event_time=T0 + timedelta(minutes=minutes))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = PipelineStateStore(tmp_path / "state.db", history_length=3, cooccurrence_window=2)
+    yield s
+    s.close()
+
+
+def apply(store, events):
+    store.begin()
+    changes = store.apply_events(events, RewardConfig())
+    store.commit()
+    return changes
+
+
+def test_events_delivered_twice_count_once(store):
+    events = [ev("u1", "a", 1), ev("u1", "b", 2)]
+    first = apply(store, events + [events[0]])
+    assert len(first.new_events) == 2 and first.duplicates == 1
+    again = apply(store, events)
+    assert again.new_events == [] and again.duplicates == 2
+    assert store.load_users(["u1"])["u1"].event_count == 2
+    assert store.load_items(["a"])["a"].event_count == 1
+
+
+def test_history_keeps_the_last_n_in_event_time_order_even_when_late(store):
+    apply(store, [ev("u1", "a", 1), ev("u1", "c", 3)])
+    apply(store, [ev("u1", "b", 2), ev("u1", "d", 4)])  # b arrives late
+    history = store.load_users(["u1"])["u1"]
+    assert history.item_ids == ["b", "c", "d"]
+    assert history.event_count == 4
+    assert history.times == sorted(history.times)
+
+
+def test_cooccurrence_counts_pairs_within_the_window(store):
+    apply(store, [ev("u1", "a", 1), ev("u1", "b", 2), ev("u1", "c", 3), ev("u2", "a", 1), ev("u2", "b", 2)])
+    pairs = {(a, b): n for a, b, n in store.cooccurrence()}
+    assert pairs[("a", "b")] == 2
+    assert pairs[("b", "c")] == 1
+    assert pairs[("a", "c")] == 1
+    apply(store, [ev("u1", "d", 4)])  # window 2: pairs with b and c only
+    pairs = {(a, b): n for a, b, n in store.cooccurrence()}
+    assert ("a", "d") not in pairs and pairs[("c", "d")] == 1
+
+
+def test_read_position_moves_only_over_a_gap_free_prefix(store):
+    store.begin()
+    store.record_batch("t", 0, 100, 200, 0)  # committed before the batch that precedes it
+    store.commit()
+    assert store.read_position("t", 0) == 0
+    store.begin()
+    store.record_batch("t", 0, 0, 100, 0)
+    store.commit()
+    assert store.read_position("t", 0) == 200
+
+
+def test_rollback_leaves_no_trace(store):
+    store.begin()
+    store.apply_events([ev("u1", "a", 1)], RewardConfig())
+    store.rollback()
+    assert store.load_users(["u1"]) == {}
+    assert len(apply(store, [ev("u1", "a", 1)]).new_events) == 1
+
+
+def test_item_stats_accumulate_rewards(store):
+    apply(store, [ev("u1", "a", 1, "like"), ev("u2", "a", 2, "click"), ev("u3", "a", 3, "impression")])
+    stats = store.load_items(["a"])["a"]
+    assert (stats.impressions, stats.clicks, stats.event_count) == (1, 1, 3)
+    assert stats.mean_reward == pytest.approx((1.0 + 0.3 + 0.0) / 3)
