@@ -1,0 +1,89 @@
+"""The Feast repo, declared: entities, push sources, feature views, one feature service.
+
+Each view's offline source is a directory of parquet files, one file per pipeline batch (see
+store.py for why), plus an empty `_schema.parquet` so that Feast can infer the schema before the
+first batch arrives. Names here are the contract other components read.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float32, Int64, String
+
+TIMESTAMP = "event_timestamp"
+
+USER_HISTORY = "user_history"
+ITEM_STATS = "item_stats"
+ITEM_METADATA = "item_metadata"
+VIEWS = (USER_HISTORY, ITEM_STATS, ITEM_METADATA)
+
+ENTITY_KEY = {USER_HISTORY: "user_id", ITEM_STATS: "item_id", ITEM_METADATA: "item_id"}
+
+# Arrow schema of each view's offline files (entity key, features, timestamp), in Feast's column order.
+VIEW_SCHEMAS: dict[str, pa.Schema] = {
+    USER_HISTORY: pa.schema([
+        ("user_id", pa.string()),
+        ("history_item_ids", pa.list_(pa.string())),   # last 50 item ids, oldest first
+        ("history_rewards", pa.list_(pa.float32())),
+        ("history_times", pa.list_(pa.int64())),       # unix seconds
+        ("event_count", pa.int64()),                   # all events of the user, not only the last 50
+        (TIMESTAMP, pa.timestamp("us", tz="UTC")),
+    ]),
+    ITEM_STATS: pa.schema([
+        ("item_id", pa.string()),
+        ("impressions", pa.int64()),
+        ("clicks", pa.int64()),
+        ("event_count", pa.int64()),
+        ("mean_reward", pa.float32()),
+        ("last_event_time", pa.int64()),               # unix seconds
+        (TIMESTAMP, pa.timestamp("us", tz="UTC")),
+    ]),
+    ITEM_METADATA: pa.schema([
+        ("item_id", pa.string()),
+        ("title", pa.string()),
+        ("tags", pa.list_(pa.string())),
+        ("published_at", pa.int64()),                  # unix seconds, null when unknown
+        (TIMESTAMP, pa.timestamp("us", tz="UTC")),
+    ]),
+}
+
+_FEAST_TYPES = {
+    pa.string(): String, pa.int64(): Int64, pa.float32(): Float32,
+    pa.list_(pa.string()): Array(String), pa.list_(pa.int64()): Array(Int64), pa.list_(pa.float32()): Array(Float32),
+}
+
+
+def feature_columns(view: str) -> list[str]:
+    """The feature names of a view (no entity key, no timestamp)."""
+    return [f.name for f in VIEW_SCHEMAS[view] if f.name not in (ENTITY_KEY[view], TIMESTAMP)]
+
+
+def feature_objects(offline_dir: Path) -> list:
+    """Every Feast object of the repo; `offline_dir/<view>/` holds each view's parquet files."""
+    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
+                  description="A user of the recommender")
+    item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
+                  description="A recommendable item")
+    entity = {USER_HISTORY: user, ITEM_STATS: item, ITEM_METADATA: item}
+    objects: list = [user, item]
+    views = []
+    for name in VIEWS:
+        source = FileSource(name=f"{name}_source", path=str(offline_dir / name), timestamp_field=TIMESTAMP)
+        push = PushSource(name=f"{name}_push", batch_source=source)
+        view = FeatureView(
+            name=name,
+            entities=[entity[name]],
+            ttl=timedelta(0),  # never expires: a user's history is valid until replaced
+            schema=[Field(name=col, dtype=_FEAST_TYPES[VIEW_SCHEMAS[name].field(col).type])
+                    for col in feature_columns(name)],
+            source=push,
+            online=True,
+        )
+        objects += [source, push, view]
+        views.append(view)
+    objects.append(FeatureService(name="plum_ingest", features=views))
+    return objects

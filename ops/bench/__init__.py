@@ -1,0 +1,1 @@
+"""`plum bench ...`: benchmarks that write JSON under ops/bench/results/ and a README table."""

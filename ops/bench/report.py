@@ -1,0 +1,52 @@
+"""Benchmark results: machine facts, the JSON file, and the README table between markers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ops.config import PROJECT_ROOT
+
+RESULTS_DIR = PROJECT_ROOT / "ops" / "bench" / "results"
+README = PROJECT_ROOT / "README.md"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "commit": commit or None,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(name: str, result: dict[str, Any], output: str | None = None) -> Path:
+    path = Path(output) if output else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def update_readme_table(name: str, table: str, readme: Path = README) -> bool:
+    """Replace the block between <!-- bench:NAME --> and <!-- /bench:NAME --> in the README."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda m: m.group(1) + table.rstrip() + "\n" + m.group(2), text))
+    return True

@@ -1,0 +1,194 @@
+"""The ingestion pipeline against a real broker, a real Feast repo and real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from kafka import TopicPartition
+
+from features import FeatureStoreClient
+from ingest.events import EngagementEvent
+from ingest.kafka_clients import ensure_topics, make_consumer
+from ingest.producer import EventProducer, new_event
+from ingest.replay import replay
+from ingest.state_store import PipelineStateStore
+from ingest.training_log import read_training_log
+from ops.config import PROJECT_ROOT, PlumConfig
+from ops.ingest_jobs import run_pipeline
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2024, 3, 1, tzinfo=timezone.utc)
+
+
+def prepare(cfg: PlumConfig) -> FeatureStoreClient:
+    ensure_topics(cfg.kafka)
+    store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
+    store.apply()
+    return store
+
+
+def synthetic_events(n: int, users: int = 40, items: int = 300, namespace: str = "t") -> list[EngagementEvent]:
+    return [
+        new_event(namespace, user_id=f"u{i % users}", item_id=f"i{(i * 7) % items}", event_type="rating",
+                  event_time=T0 + timedelta(minutes=i), rating=float(i % 5 + 1), rating_scale=5.0)
+        for i in range(n)
+    ]
+
+
+def expected_histories(events: list[EngagementEvent], length: int = 50) -> dict[str, tuple[list[str], int]]:
+    by_user: dict[str, list[EngagementEvent]] = defaultdict(list)
+    for event in events:
+        by_user[event.user_id].append(event)
+    out = {}
+    for user, evs in by_user.items():
+        evs.sort(key=lambda e: e.event_time)
+        out[user] = ([e.item_id for e in evs[-length:]], len(evs))
+    return out
+
+
+def assert_landed_exactly_once(cfg: PlumConfig, store: FeatureStoreClient, events: list[EngagementEvent]) -> None:
+    log = read_training_log(cfg.paths.training_log_dir)
+    assert len(log) == len(events), "training log must hold every valid event exactly once"
+    assert set(log["event_id"]) == {e.event_id for e in events}
+    expected = expected_histories(events)
+    online = store.read_online("user_history", sorted(expected))
+    for row in online.itertuples():
+        items, count = expected[row.user_id]
+        assert list(row.history_item_ids) == items, row.user_id
+        assert row.event_count == count, row.user_id
+
+
+def test_replayed_movielens_slice_lands_user_by_user(plum_config, movielens_dir):
+    from ingest.datasets import load_movielens_100k, to_events, to_item_upserts
+
+    store = prepare(plum_config)
+    ds = load_movielens_100k(movielens_dir)
+    events = list(to_events(ds))[:4000]
+    with EventProducer(plum_config.kafka) as producer:
+        replay(producer, to_item_upserts(ds), events)
+    result = run_pipeline(plum_config, until_caught_up=True, quiet=True)
+    assert result.events_applied == 4000
+    assert result.items_upserted == len(ds.items)
+    assert_landed_exactly_once(plum_config, store, events)
+    first = events[0]
+    meta = store.read_online("item_metadata", [first.item_id])
+    assert meta["title"][0] == ds.items.set_index("item_id").loc[first.item_id, "title"]
+    stats = store.read_online("item_stats", [first.item_id])
+    assert stats["event_count"][0] == sum(e.item_id == first.item_id for e in events)
+
+
+def test_events_delivered_twice_count_once(plum_config):
+    store = prepare(plum_config)
+    events = synthetic_events(600)
+    with EventProducer(plum_config.kafka) as producer:
+        producer.send_events(events)
+        producer.send_events(events[:250])  # a producer retry storm
+    run_pipeline(plum_config, until_caught_up=True, quiet=True)
+    with EventProducer(plum_config.kafka) as producer:
+        producer.send_events(events[100:300])  # and a later replay
+    second = run_pipeline(plum_config, until_caught_up=True, quiet=True)
+    assert second.events_applied == 0 and second.events_duplicate == 200
+    assert_landed_exactly_once(plum_config, store, events)
+
+
+BAD = {
+    "invalid json": (b'{"event_id": "x", ', "Invalid JSON"),
+    "missing field": (b'{"event_id":"m","item_id":"i","event_type":"click","event_time":"2024-01-01T00:00:00Z"}',
+                      "user_id: Field required"),
+    "wrong type": (b'{"event_id":"w","user_id":"u","item_id":"i","event_type":"click",'
+                   b'"event_time":"2024-01-01T00:00:00Z","rating":"high"}', "rating: Input should be a valid number"),
+    "naive datetime": (b'{"event_id":"n","user_id":"u","item_id":"i","event_type":"click",'
+                       b'"event_time":"2024-01-01T00:00:00"}', "timezone"),
+    "negative watch": (b'{"event_id":"g","user_id":"u","item_id":"i","event_type":"watch",'
+                       b'"event_time":"2024-01-01T00:00:00Z","watch_seconds":-5}', "greater than or equal to 0"),
+    "unknown type": (b'{"event_id":"t","user_id":"u","item_id":"i","event_type":"teleport",'
+                     b'"event_time":"2024-01-01T00:00:00Z"}', "event_type"),
+    "oversized": (b'{"event_id":"o","pad":"' + b"x" * 70_000 + b'"}', "exceeds the limit"),
+}
+
+
+def test_bad_records_land_in_the_dlq_with_reasons_and_no_valid_event_is_lost(plum_config):
+    store = prepare(plum_config)
+    events = synthetic_events(300)
+    with EventProducer(plum_config.kafka) as producer:
+        for i, event in enumerate(events):
+            producer.send_event(event)
+            if i % 40 == 0 and i // 40 < len(BAD):
+                value, _ = list(BAD.values())[i // 40]
+                producer.send_raw(plum_config.kafka.events_topic, event.user_id.encode(), value)
+    result = run_pipeline(plum_config, until_caught_up=True, quiet=True)
+    assert result.records_rejected == len(BAD)
+    consumer = make_consumer(plum_config.kafka)
+    tp = TopicPartition(plum_config.kafka.dlq_topic, 0)
+    consumer.assign([tp])
+    dead = []
+    deadline = time.monotonic() + 10
+    while len(dead) < len(BAD) and time.monotonic() < deadline:
+        dead.extend(consumer.poll(timeout_ms=300).get(tp, []))
+    consumer.close()
+    by_value = {r.value: dict(r.headers) for r in dead}
+    for name, (value, reason) in BAD.items():
+        assert value in by_value, f"{name} record missing from the DLQ (original bytes must be kept)"
+        assert reason in by_value[value]["plum.dlq.reason"].decode(), name
+        assert by_value[value]["plum.source.topic"].decode() == plum_config.kafka.events_topic
+    assert_landed_exactly_once(plum_config, store, events)
+
+
+def _pipeline_process(cfg: PlumConfig, log: Path) -> subprocess.Popen:
+    env = {**os.environ,
+           "PLUM_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers,
+           "PLUM_KAFKA__EVENTS_TOPIC": cfg.kafka.events_topic,
+           "PLUM_KAFKA__ITEMS_TOPIC": cfg.kafka.items_topic,
+           "PLUM_KAFKA__DLQ_TOPIC": cfg.kafka.dlq_topic,
+           "PLUM_PIPELINE__POLL_MAX_RECORDS": "200"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "ops.cli", "--state-dir", cfg.paths.state_dir, "pipeline"],
+                                cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _applied(cfg: PlumConfig) -> int:
+    if not cfg.paths.pipeline_state_db.exists():
+        return 0
+    store = PipelineStateStore(cfg.paths.pipeline_state_db)
+    try:
+        return store.counters().get("events_applied", 0)
+    finally:
+        store.close()
+
+
+def test_kill_9_mid_stream_then_restart_holds_every_event_exactly_once(plum_config, tmp_path):
+    store = prepare(plum_config)
+    events = synthetic_events(6000, users=120, items=500)
+    log = tmp_path / "pipeline.log"
+    with EventProducer(plum_config.kafka) as producer:
+        producer.send_events(events[:3000])
+    kills = 0
+    for threshold in (400, 1500):  # kill twice, at different points of the stream
+        process = _pipeline_process(plum_config, log)
+        deadline = time.monotonic() + 120
+        while _applied(plum_config) < threshold:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "pipeline made no progress"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+        if kills == 1:
+            with EventProducer(plum_config.kafka) as producer:
+                producer.send_events(events[3000:])
+    assert 0 < _applied(plum_config) < len(events)
+    result = run_pipeline(plum_config, until_caught_up=True, quiet=True)
+    assert result.events_applied + 1500 <= len(events)
+    assert_landed_exactly_once(plum_config, store, events)
+    positions = PipelineStateStore(plum_config.paths.pipeline_state_db).read_positions()
+    assert sum(v for (t, _), v in positions.items() if t == plum_config.kafka.events_topic) == len(events)
