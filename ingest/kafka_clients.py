@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -92,5 +93,29 @@ def topic_partitions(cfg: KafkaConfig, topics: list[str]) -> dict[str, int]:
     consumer = make_consumer(cfg)
     try:
         return {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in topics}
+    finally:
+        consumer.close()
+
+
+def end_offsets(cfg: KafkaConfig, topic: str, partitions: int, timeout_s: float = 10.0) -> dict[int, int]:
+    """The high watermark of each partition, read from fetch responses.
+
+    ListOffsets is not used: the embedded broker (Tansu 0.6) answers it with the base offset of
+    the last record batch plus one, which undercounts a partition whose last batch holds many
+    records. A fetch response carries the true high watermark.
+    """
+    from kafka import TopicPartition
+
+    consumer = make_consumer(cfg)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    try:
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.highwater(tp) is None for tp in tps):
+            if time.monotonic() > deadline:
+                raise KafkaUnavailableError(f"Kafka did not report the end of {topic} within {timeout_s:.0f} s.")
+            consumer.poll(timeout_ms=100, max_records=1)
+        return {tp.partition: consumer.highwater(tp) for tp in tps}
     finally:
         consumer.close()

@@ -17,7 +17,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from ingest.events import EngagementEvent, ItemUpsert
-from ingest.kafka_clients import topic_partitions
+from ingest.kafka_clients import end_offsets, topic_partitions
 from ingest.kafka_source import PartitionSpec, ReadFromKafkaPartitions
 from ingest.parse import ParseRecords
 from ingest.sinks import ApplyBatches, SinkSettings, close_shared_appliers
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 class TopicMissingError(Exception):
     """A topic the pipeline reads does not exist on the cluster."""
+
+
+class IncompleteRunError(Exception):
+    """A bounded run ended before every partition was read to the end it had at the start."""
 
 
 @dataclass
@@ -85,6 +89,11 @@ def pipeline_options(runner: str, streaming: bool, extra_args: list[str] | None 
 def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[str] | None = None) -> PipelineResult:
     """Run the pipeline to completion (bounded) or until interrupted (unbounded)."""
     partitions = partition_specs(settings, until_caught_up)
+    targets: dict[tuple[str, int], int] = {}
+    if until_caught_up:
+        for topic in {spec.topic for spec in partitions}:
+            count = sum(spec.topic == topic for spec in partitions)
+            targets.update({(topic, p): end for p, end in end_offsets(settings.kafka, topic, count).items()})
     store = PipelineStateStore(Path(settings.state_db))
     before = store.counters()
     store.close()
@@ -98,7 +107,13 @@ def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[
     seconds = time.monotonic() - started
     store = PipelineStateStore(Path(settings.state_db))
     after = store.counters()
+    positions = store.read_positions()
     store.close()
+    # A guard, not a formality: the runner decides when an SDF is done, and this proves it read everything.
+    behind = {key: end for key, end in targets.items() if positions.get(key, 0) < end}
+    if behind:
+        detail = ", ".join(f"{t}[{p}] at {positions.get((t, p), 0)} of {end}" for (t, p), end in sorted(behind.items()))
+        raise IncompleteRunError(f"The pipeline stopped before catching up: {detail}; run it again to continue.")
 
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)

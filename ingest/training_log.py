@@ -1,28 +1,28 @@
 """The append-only training log: parquet, partitioned by event hour, every valid event once.
 
-Layout: <root>/event_hour=YYYY-MM-DDTHH/<batch_id>.parquet. A batch is first staged under
-<root>/_staging/<batch_id>/ (readers ignore paths starting with '_') and published by renames
-only after the pipeline's state transaction has committed, so a reader never sees a batch whose
-events the state store does not also hold, and a crash leaves either a staged batch that is
-published on recovery or an orphan that is discarded.
+Layout: <root>/event_hour=YYYY-MM-DDTHH/<batch_id>.parquet. A batch is first written under
+hidden names (`_staged-<batch_id>.parquet`; readers ignore names starting with '_') and
+published by renames only after the pipeline's state transaction has committed, so a reader never
+sees an event the state store does not also hold, and a crash leaves either a staged batch that
+recovery publishes or an orphan that it discards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from datetime import timezone
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ingest.events import EngagementEvent
 
-STAGING = "_staging"
+HOUR = "event_hour"
+STAGED = "_staged-"
 SCHEMA = pa.schema([
     ("event_id", pa.string()),
     ("user_id", pa.string()),
@@ -41,8 +41,24 @@ SCHEMA = pa.schema([
 ])
 
 
-def _hour(event: EngagementEvent) -> str:
-    return event.event_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
+def events_table(events: list[EngagementEvent], rewards: list[float], partition: int, offsets: list[int]) -> pa.Table:
+    """The log's rows for these events, in the log's schema."""
+    return pa.Table.from_pydict({
+        "event_id": [e.event_id for e in events],
+        "user_id": [e.user_id for e in events],
+        "item_id": [e.item_id for e in events],
+        "event_type": [e.event_type.value for e in events],
+        "event_time": [e.event_time for e in events],
+        "reward": rewards,
+        "rating": [e.rating for e in events],
+        "rating_scale": [e.rating_scale for e in events],
+        "watch_seconds": [e.watch_seconds for e in events],
+        "item_duration_seconds": [e.item_duration_seconds for e in events],
+        "surface": [e.surface for e in events],
+        "context": [json.dumps(e.context, sort_keys=True) if e.context else None for e in events],
+        "kafka_partition": [partition] * len(events),
+        "kafka_offset": offsets,
+    }, schema=SCHEMA)
 
 
 class TrainingLogWriter:
@@ -50,65 +66,60 @@ class TrainingLogWriter:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / STAGING).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        self._staged: dict[str, list[str]] = {}
 
     def stage(self, batch_id: str, events: list[EngagementEvent], rewards: list[float], partition: int,
               offsets: list[int]) -> None:
-        """Write the batch's events, one file per event hour, into its staging directory."""
-        staging = self.root / STAGING / batch_id
-        if staging.exists():
-            shutil.rmtree(staging)
+        """Write the batch's events, one hidden file per event hour, next to their final place."""
         if not events:
             return
-        staging.mkdir(parents=True)
-        by_hour: dict[str, list[int]] = {}
-        for i, event in enumerate(events):
-            by_hour.setdefault(_hour(event), []).append(i)
-        for hour, indices in by_hour.items():
-            rows = [events[i] for i in indices]
-            table = pa.Table.from_pydict({
-                "event_id": [e.event_id for e in rows],
-                "user_id": [e.user_id for e in rows],
-                "item_id": [e.item_id for e in rows],
-                "event_type": [e.event_type.value for e in rows],
-                "event_time": [e.event_time for e in rows],
-                "reward": [rewards[i] for i in indices],
-                "rating": [e.rating for e in rows],
-                "rating_scale": [e.rating_scale for e in rows],
-                "watch_seconds": [e.watch_seconds for e in rows],
-                "item_duration_seconds": [e.item_duration_seconds for e in rows],
-                "surface": [e.surface for e in rows],
-                "context": [json.dumps(e.context, sort_keys=True) if e.context else None for e in rows],
-                "kafka_partition": [partition] * len(rows),
-                "kafka_offset": [offsets[i] for i in indices],
-            }, schema=SCHEMA)
-            pq.write_table(table, staging / f"event_hour={hour}.parquet")
+        table = events_table(events, rewards, partition, offsets)
+        hours = pc.strftime(table["event_time"], format="%Y-%m-%dT%H")
+        order = pc.sort_indices(hours)
+        table, hours = table.take(order), hours.take(order).to_pylist()
+        # Sorted by hour, each hour is one zero-copy slice: a replay batch can span hundreds of hours.
+        written: list[str] = []
+        start = 0
+        for end in range(1, len(hours) + 1):
+            if end == len(hours) or hours[end] != hours[start]:
+                directory = self.root / f"{HOUR}={hours[start]}"
+                directory.mkdir(exist_ok=True)
+                path = directory / f"{STAGED}{batch_id}.parquet"
+                pq.write_table(table.slice(start, end - start), path)
+                written.append(str(path))
+                start = end
+        self._staged[batch_id] = written
+
+    def _staged_files(self, batch_id: str) -> list[Path]:
+        if batch_id in self._staged:
+            return [Path(p) for p in self._staged[batch_id]]
+        return sorted(self.root.glob(f"{HOUR}=*/{STAGED}{batch_id}.parquet"))
 
     def publish(self, batch_id: str) -> int:
-        """Move a staged batch into its hour partitions (idempotent); returns files moved."""
-        staging = self.root / STAGING / batch_id
-        if not staging.exists():
-            return 0
+        """Rename a staged batch's files to their visible names (idempotent); returns files moved."""
         moved = 0
-        for file in sorted(staging.glob("*.parquet")):
-            target_dir = self.root / file.stem
-            target_dir.mkdir(exist_ok=True)
-            os.replace(file, target_dir / f"{batch_id}.parquet")
-            moved += 1
-        shutil.rmtree(staging)
+        for path in self._staged_files(batch_id):
+            if path.exists():
+                os.replace(path, path.with_name(path.name[len(STAGED):]))
+                moved += 1
+        self._staged.pop(batch_id, None)
         return moved
 
     def staged_batches(self) -> list[str]:
-        return sorted(p.name for p in (self.root / STAGING).iterdir() if p.is_dir())
+        """Batch ids with staged files on disk (after a crash: committed or orphaned)."""
+        ids = {p.name[len(STAGED):-len(".parquet")] for p in self.root.glob(f"{HOUR}=*/{STAGED}*.parquet")}
+        return sorted(ids)
 
     def discard(self, batch_id: str) -> None:
-        shutil.rmtree(self.root / STAGING / batch_id, ignore_errors=True)
+        for path in self._staged_files(batch_id):
+            path.unlink(missing_ok=True)
+        self._staged.pop(batch_id, None)
 
 
 def read_training_log(root: Path) -> pd.DataFrame:
-    """Every published event of the log as a DataFrame (staged batches are invisible)."""
-    if not root.exists() or not any(p for p in root.iterdir() if p.name.startswith("event_hour=")):
+    """Every published event of the log as a DataFrame (staged files are invisible)."""
+    if not root.exists() or not any(p.name.startswith(f"{HOUR}=") for p in root.iterdir()):
         return SCHEMA.empty_table().to_pandas()
-    dataset = ds.dataset(str(root), format="parquet", schema=SCHEMA, partitioning="hive",
-                         exclude_invalid_files=False)
+    dataset = ds.dataset(str(root), format="parquet", schema=SCHEMA, partitioning="hive")
     return dataset.to_table().to_pandas()

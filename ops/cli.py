@@ -20,10 +20,10 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (PlumError,)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from features.errors import FeatureStoreError
     from ingest.kafka_clients import KafkaUnavailableError
-    from ingest.pipeline import TopicMissingError
+    from ingest.pipeline import IncompleteRunError, TopicMissingError
     from ingest.producer import DeliveryError
 
-    return (PlumError, KafkaUnavailableError, TopicMissingError, DeliveryError, FeatureStoreError)
+    return (PlumError, KafkaUnavailableError, TopicMissingError, IncompleteRunError, DeliveryError, FeatureStoreError)
 
 
 class PlumGroup(click.Group):

@@ -37,3 +37,16 @@ def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
 def test_unreachable_kafka_fails_fast_with_the_address():
     with pytest.raises(KafkaUnavailableError, match="127.0.0.1:1"):
         probe(KafkaConfig(bootstrap_servers="127.0.0.1:1"), timeout=1)
+
+
+def test_end_offsets_count_every_record_even_in_one_large_batch(plum_config):
+    from ingest.kafka_clients import end_offsets, make_producer
+
+    kafka = plum_config.kafka
+    ensure_topics(kafka)
+    producer = make_producer(kafka, linger_ms=50)
+    for i in range(500):  # lingering makes these few large batches per partition
+        producer.send(kafka.events_topic, key=f"user-{i % 7}".encode(), value=b"x", partition=i % 2)
+    producer.flush()
+    producer.close()
+    assert end_offsets(kafka, kafka.events_topic, 4) == {0: 250, 1: 250, 2: 0, 3: 0}
