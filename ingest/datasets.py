@@ -87,9 +87,7 @@ def load_movielens_100k(path: str | os.PathLike[str]) -> Dataset:
     hint = "point at the ml-100k folder extracted from the recbole asset"
     inter = _read_atomic(_require(directory, "ml-100k.inter", hint))
     raw_items = _read_atomic(_require(directory, "ml-100k.item", hint))
-    interactions = _interactions(
-        inter["user_id"], inter["item_id"], inter["timestamp"].astype(np.float64), inter["rating"].astype(np.float64)
-    )
+    interactions = _interactions(inter["user_id"], inter["item_id"], inter["timestamp"], inter["rating"])
     titles = raw_items["movie_title"].where(raw_items["movie_title"] != _RECBOLE_UNKNOWN, "")
     tags = [[genre for genre in genres.split() if genre != "unknown"] for genres in raw_items["class"]]
     items = _items(raw_items["item_id"], titles, tags, _year_start(raw_items["release_year"]))
@@ -104,10 +102,7 @@ def load_movietweetings(path: str | os.PathLike[str]) -> Dataset:
     movies_file = _require(directory, "movies.dat", hint)
     rows = _split_lines(ratings_file, "user::movie::rating::time", lambda line: line.split("::"), fields=4)
     users, movies, ratings, times = zip(*rows) if rows else ((), (), (), ())
-    interactions = _interactions(
-        np.array(users, dtype=object), np.array(movies, dtype=object),
-        np.array(times, dtype=np.float64), np.array(ratings, dtype=np.float64),
-    )
+    interactions = _interactions(users, movies, times, ratings)
     movie_rows = _split_lines(movies_file, "id::Title (Year)::Genres", _split_movie_line, fields=3)
     titles, years = [], []
     for _, title_year, _ in movie_rows:
@@ -125,16 +120,17 @@ def load_amazon_beauty(path: str | os.PathLike[str]) -> Dataset:
     """Amazon Beauty 5-core (user_sequence.txt, item_keywords.txt in path); clicks at synthesised times."""
     directory = Path(path)
     hint = f"pass --data-dir with the folder that holds {AMAZON_BEAUTY}/"
-    sequences = _split_lines(_require(directory, "user_sequence.txt", hint), "user item item ...", str.split, fields=None)
-    users, items_seen, times = [], [], []
+    sequences = _split_lines(
+        _require(directory, "user_sequence.txt", hint), "user item item ...", str.split, fields=None,
+    )
+    users: list[str] = []
+    items_seen: list[str] = []
+    times: list[float] = []
     for line_number, (user, *sequence) in enumerate(sequences):
         users.extend([user] * len(sequence))
         items_seen.extend(sequence)
         times.extend(BEAUTY_TIME_BASE + position * _DAY_SECONDS + line_number for position in range(len(sequence)))
-    interactions = _interactions(
-        np.array(users, dtype=object), np.array(items_seen, dtype=object),
-        np.array(times, dtype=np.float64), np.full(len(users), np.nan),
-    )
+    interactions = _interactions(users, items_seen, times, np.full(len(users), np.nan))
     keyword_rows = _split_lines(
         _require(directory, "item_keywords.txt", hint), "item_id |piece|piece|...",
         lambda line: line.split(" ", 1), fields=2,
@@ -146,7 +142,7 @@ def load_amazon_beauty(path: str | os.PathLike[str]) -> Dataset:
         item_ids.append(item_id)
         titles.append(" ".join(words))
         tags.append(list(dict.fromkeys(words)))
-    items = _items(item_ids, titles, tags, pd.Series(pd.NaT, index=range(len(item_ids)), dtype="datetime64[ns, UTC]"))
+    items = _items(item_ids, titles, tags, _no_dates(len(item_ids)))
     return _dataset(AMAZON_BEAUTY, interactions, items, rating_scale=None, has_real_time=False)
 
 
@@ -166,7 +162,7 @@ def to_item_upserts(ds: Dataset) -> Iterator[ItemUpsert]:
 
 
 def to_events(ds: Dataset) -> Iterator[EngagementEvent]:
-    """The interactions as EngagementEvents in event-time order: ratings where the data set has them, else clicks."""
+    """The interactions as EngagementEvents in event-time order: ratings if the data set has them, else clicks."""
     event_type = EventType.CLICK if ds.rating_scale is None else EventType.RATING
     frame = ds.interactions
     for user_id, item_id, timestamp, rating in zip(
@@ -226,6 +222,10 @@ def _year_start(years: pd.Series) -> pd.Series:
     return pd.to_datetime(years, format="%Y", errors="coerce", utc=True)
 
 
+def _no_dates(count: int) -> pd.Series:
+    return pd.Series(pd.NaT, index=range(count), dtype="datetime64[ns, UTC]")
+
+
 def _interactions(users, items, timestamps, ratings) -> pd.DataFrame:
     frame = pd.DataFrame({
         "user_id": np.asarray(users, dtype=object),
@@ -253,8 +253,7 @@ def _dataset(
     missing = pd.Index(interactions["item_id"].unique()).difference(items["item_id"])
     if len(missing):
         log.warning("%s: %d interacted items have no metadata; they get empty titles", name, len(missing))
-        filler = _items(missing, [""] * len(missing), [[] for _ in missing],
-                        pd.Series(pd.NaT, index=range(len(missing)), dtype="datetime64[ns, UTC]"))
+        filler = _items(missing, [""] * len(missing), [[] for _ in missing], _no_dates(len(missing)))
         items = pd.concat([items, filler], ignore_index=True)
     return Dataset(name, interactions, items, rating_scale, has_real_time)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from typing import Any
@@ -11,6 +12,10 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from ingest.config import KafkaConfig
+
+# kafka-python warns whenever a poll is slow to return to its event loop; a batch pipeline holding
+# the GIL for a moment is expected here, and the warning buries the progress output.
+logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 class KafkaUnavailableError(Exception):

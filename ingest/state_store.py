@@ -206,7 +206,8 @@ class PipelineStateStore:
         """De-duplicate, then fold the new events into histories, stats and co-occurrences."""
         fresh = self._new_events(events)
         duplicates = len(events) - len(fresh)
-        fresh.sort(key=lambda e: (e.event_time, e.event_id))
+        # (time, item) order makes a history a function of the event set, whatever the batching.
+        fresh.sort(key=lambda e: (e.event_time, e.item_id, e.event_id))
         rewards = [e.reward(reward) for e in fresh]
         by_user: dict[str, list[int]] = defaultdict(list)
         for i, event in enumerate(fresh):
@@ -224,7 +225,7 @@ class PipelineStateStore:
                     if other != event.item_id:
                         pairs[(min(other, event.item_id), max(other, event.item_id))] += 1
                 entries.append((_epoch(event), event.item_id, rewards[i]))
-            entries.sort(key=lambda entry: entry[0])  # stable: ties keep arrival order
+            entries.sort(key=lambda entry: (entry[0], entry[1]))
             entries = entries[-self.history_length:]
             users[uid] = UserHistory(
                 uid, [e[1] for e in entries], [e[2] for e in entries], [e[0] for e in entries],

@@ -41,6 +41,11 @@ class PlumGroup(click.Group):
             raise
 
 
+def _quiet_known_noise(record: logging.LogRecord) -> bool:
+    # Beam warns at import that Google Cloud client libraries are absent; nothing here uses them.
+    return not record.getMessage().startswith("apitools not found")
+
+
 def _config(ctx: click.Context) -> PlumConfig:
     return ctx.obj["config"]
 
@@ -59,6 +64,8 @@ def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, verb
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_known_noise)
     overrides = {"paths": {"state_dir": state_dir}} if state_dir else {}
     ctx.obj = {"config": load_config(config_path, overrides=overrides)}
 

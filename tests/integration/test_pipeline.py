@@ -51,7 +51,7 @@ def expected_histories(events: list[EngagementEvent], length: int = 50) -> dict[
         by_user[event.user_id].append(event)
     out = {}
     for user, evs in by_user.items():
-        evs.sort(key=lambda e: e.event_time)
+        evs.sort(key=lambda e: (int(e.event_time.timestamp()), e.item_id))
         out[user] = ([e.item_id for e in evs[-length:]], len(evs))
     return out
 
@@ -68,11 +68,11 @@ def assert_landed_exactly_once(cfg: PlumConfig, store: FeatureStoreClient, event
         assert row.event_count == count, row.user_id
 
 
-def test_replayed_movielens_slice_lands_user_by_user(plum_config, movielens_dir):
-    from ingest.datasets import load_movielens_100k, to_events, to_item_upserts
+def test_replayed_movielens_slice_lands_user_by_user(plum_config):
+    from ingest.datasets import load_dataset, to_events, to_item_upserts
 
     store = prepare(plum_config)
-    ds = load_movielens_100k(movielens_dir)
+    ds = load_dataset("movielens-100k", plum_config.paths.data_dir, plum_config.paths.cache_dir)
     events = list(to_events(ds))[:4000]
     with EventProducer(plum_config.kafka) as producer:
         replay(producer, to_item_upserts(ds), events)
