@@ -34,8 +34,6 @@ import numpy as np
 import pandas as pd
 
 from ingest.events import EngagementEvent, EventType, ItemUpsert, stable_event_id
-from ops.assets import fetch_asset
-from ops.errors import PlumError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +46,10 @@ _DAY_SECONDS = 86_400.0
 _RECBOLE_UNKNOWN = "unkonwn"  # sic: RecBole's spelling for ML-100K's unknown movie
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 _WORD_START = "\u2581"  # '▁', the SentencePiece word-start marker
+
+
+class DatasetError(Exception):
+    """A data set's files are missing or do not have the expected layout."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,20 +67,6 @@ class Dataset:
     items: pd.DataFrame
     rating_scale: float | None
     has_real_time: bool
-
-
-def known_datasets() -> tuple[str, ...]:
-    """The names load_dataset accepts."""
-    return tuple(_SOURCES)
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> Dataset:
-    """Load a data set by name: MovieLens from the pinned recbole asset, the others from data_dir/<name>/."""
-    try:
-        source = _SOURCES[name]
-    except KeyError:
-        raise PlumError(f"Unknown data set {name!r}; known data sets: {', '.join(known_datasets())}.") from None
-    return source(Path(data_dir), Path(cache_dir))
 
 
 def load_movielens_100k(path: str | os.PathLike[str]) -> Dataset:
@@ -183,7 +171,7 @@ def to_events(ds: Dataset) -> Iterator[EngagementEvent]:
 def _require(directory: Path, filename: str, hint: str) -> Path:
     path = directory / filename
     if not path.is_file():
-        raise PlumError(f"Expected {filename} under {directory}; {hint}.")
+        raise DatasetError(f"Expected {filename} under {directory}; {hint}.")
     return path
 
 
@@ -203,7 +191,7 @@ def _read_atomic(path: Path) -> pd.DataFrame:
 def _split_lines(
     path: Path, layout: str, split: Callable[[str], list[str]], fields: int | None
 ) -> list[list[str]]:
-    """Non-empty lines of a text file, split; PlumError naming the line when one has the wrong field count."""
+    """Non-empty lines of a text file, split; DatasetError naming the line when one has the wrong field count."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -212,7 +200,7 @@ def _split_lines(
                 continue
             row = split(line)
             if (fields is not None and len(row) != fields) or (fields is None and len(row) < 2):
-                raise PlumError(f"{path}:{number} does not look like `{layout}`; is this the right file?")
+                raise DatasetError(f"{path}:{number} does not look like `{layout}`; is this the right file?")
             rows.append(row)
     return rows
 
@@ -256,10 +244,3 @@ def _dataset(
         filler = _items(missing, [""] * len(missing), [[] for _ in missing], _no_dates(len(missing)))
         items = pd.concat([items, filler], ignore_index=True)
     return Dataset(name, interactions, items, rating_scale, has_real_time)
-
-
-_SOURCES: dict[str, Callable[[Path, Path], Dataset]] = {
-    MOVIELENS_100K: lambda data_dir, cache_dir: load_movielens_100k(fetch_asset("recbole", cache_dir)),
-    MOVIETWEETINGS_100K: lambda data_dir, cache_dir: load_movietweetings(data_dir / MOVIETWEETINGS_100K),
-    AMAZON_BEAUTY: lambda data_dir, cache_dir: load_amazon_beauty(data_dir / AMAZON_BEAUTY),
-}

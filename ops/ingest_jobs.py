@@ -35,7 +35,8 @@ def sink_settings(cfg: PlumConfig, pipeline: PipelineConfig | None = None, quiet
 def replay_dataset(cfg: PlumConfig, dataset: str, speed: float | None = None, limit: int | None = None,
                    data_dir: str | None = None, quiet: bool = False) -> ReplayResult:
     """Load a data set and replay it into the configured Kafka with a progress bar."""
-    from ingest.datasets import load_dataset, to_events, to_item_upserts
+    from ingest.datasets import to_events, to_item_upserts
+    from ops.datasets import load_dataset
 
     cfg = resolve(cfg)
     started = time.monotonic()

@@ -28,7 +28,7 @@ import numpy as np
 from kafka import TopicPartition
 
 from features import FeatureStoreClient
-from ingest.datasets import load_dataset, to_events, to_item_upserts
+from ingest.datasets import to_events, to_item_upserts
 from ingest.events import EngagementEvent
 from ingest.kafka_clients import make_consumer
 from ingest.producer import EventProducer, new_event
@@ -36,6 +36,7 @@ from ingest.replay import replay
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.broker import EmbeddedBroker, stop_process
 from ops.config import PlumConfig
+from ops.datasets import load_dataset
 from ops.ingest_jobs import run_pipeline
 from ops.stack import up
 

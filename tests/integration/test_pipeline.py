@@ -69,7 +69,8 @@ def assert_landed_exactly_once(cfg: PlumConfig, store: FeatureStoreClient, event
 
 
 def test_replayed_movielens_slice_lands_user_by_user(plum_config):
-    from ingest.datasets import load_dataset, to_events, to_item_upserts
+    from ingest.datasets import to_events, to_item_upserts
+    from ops.datasets import load_dataset
 
     store = prepare(plum_config)
     ds = load_dataset("movielens-100k", plum_config.paths.data_dir, plum_config.paths.cache_dir)
