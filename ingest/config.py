@@ -55,7 +55,7 @@ class PipelineConfig(BaseModel):
     runner: str = "DirectRunner"
     consumer_group: str = "plum-pipeline"
     poll_max_records: int = Field(10000, ge=1)
-    poll_timeout_ms: int = Field(200, ge=1)
+    poll_timeout_ms: int = Field(50, ge=1)
     history_length: int = Field(50, ge=1)
     cooccurrence_window: int = Field(10, ge=1)
     max_payload_bytes: int = Field(65536, ge=256)

@@ -88,7 +88,7 @@ class ReadPartitionBatches(beam.DoFn):
         key = (spec.topic, spec.partition)
         if key not in self._consumers:
             consumer = make_consumer(self.kafka, max_partition_fetch_bytes=8 * 1024 * 1024,
-                                     fetch_max_bytes=32 * 1024 * 1024)
+                                     fetch_max_bytes=32 * 1024 * 1024, fetch_max_wait_ms=self.poll_timeout_ms)
             consumer.assign([TopicPartition(spec.topic, spec.partition)])
             self._consumers[key] = consumer
         return self._consumers[key]
