@@ -111,7 +111,8 @@ def end_offsets(cfg: KafkaConfig, topic: str, partitions: int, timeout_s: float 
     """
     from kafka import TopicPartition
 
-    consumer = make_consumer(cfg)
+    # Tiny, short fetches: only the watermark in the response matters, not the records.
+    consumer = make_consumer(cfg, fetch_max_wait_ms=10, max_partition_fetch_bytes=1024, fetch_max_bytes=65536)
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     try:
         consumer.assign(tps)
@@ -120,7 +121,7 @@ def end_offsets(cfg: KafkaConfig, topic: str, partitions: int, timeout_s: float 
         while any(consumer.highwater(tp) is None for tp in tps):
             if time.monotonic() > deadline:
                 raise KafkaUnavailableError(f"Kafka did not report the end of {topic} within {timeout_s:.0f} s.")
-            consumer.poll(timeout_ms=100, max_records=1)
+            consumer.poll(timeout_ms=20, max_records=1)
         return {tp.partition: consumer.highwater(tp) for tp in tps}
     finally:
         consumer.close()
