@@ -3,7 +3,8 @@
 Offline writes do not go through Feast's push: the file offline store's `offline_write_batch`
 re-reads and rewrites the whole parquet table on every push (quadratic, and a crash mid-write
 corrupts it). Instead each view's source is a directory and every batch adds one parquet file,
-staged under a hidden name ('_' prefix, which readers ignore) and published by an atomic rename.
+staged outside it (in offline/_staging/<view>/; Feast's dask reader would see a hidden file
+inside the source directory) and published by an atomic rename into it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from features.errors import FeatureStoreError
 from features.repo import ENTITY_KEY, TIMESTAMP, VIEW_SCHEMAS, VIEWS, feature_columns, feature_objects
 
 SCHEMA_FILE = "_schema.parquet"
-STAGED_PREFIX = "_staged-"
+STAGING = "_staging"
 
 
 def repo_config(repo_dir: Path, cfg: FeastConfig) -> dict[str, Any]:
@@ -68,6 +69,7 @@ class FeatureStoreClient:
         for view in VIEWS:
             directory = self.offline_dir / view
             directory.mkdir(parents=True, exist_ok=True)
+            (self.offline_dir / STAGING / view).mkdir(parents=True, exist_ok=True)
             if not (directory / SCHEMA_FILE).exists():
                 pq.write_table(VIEW_SCHEMAS[view].empty_table(), directory / SCHEMA_FILE)
         config = self.repo_dir / "feature_store.yaml"
@@ -105,17 +107,19 @@ class FeatureStoreClient:
     def stage_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> Path:
         """Write a batch's rows under a hidden name; invisible until `publish_offline`."""
         self._check_view(view)
-        path = self.offline_dir / view / f"{STAGED_PREFIX}{batch_id}.parquet"
+        path = self._staged(view, batch_id)
         pq.write_table(self._table(view, frame), path)
         return path
 
+    def _staged(self, view: str, batch_id: str) -> Path:
+        return self.offline_dir / STAGING / view / f"{batch_id}.parquet"
+
     def publish_offline(self, view: str, batch_id: str) -> bool:
         """Make a staged batch visible (atomic rename); a no-op when already published."""
-        directory = self.offline_dir / view
-        staged = directory / f"{STAGED_PREFIX}{batch_id}.parquet"
+        staged = self._staged(view, batch_id)
         if not staged.exists():
             return False
-        os.replace(staged, directory / f"{batch_id}.parquet")
+        os.replace(staged, self.offline_dir / view / f"{batch_id}.parquet")
         return True
 
     def write_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> None:
@@ -129,12 +133,12 @@ class FeatureStoreClient:
         """(view, batch_id) of every staged, unpublished batch."""
         out = []
         for view in VIEWS:
-            for path in sorted((self.offline_dir / view).glob(f"{STAGED_PREFIX}*.parquet")):
-                out.append((view, path.name[len(STAGED_PREFIX):-len(".parquet")]))
+            for path in sorted((self.offline_dir / STAGING / view).glob("*.parquet")):
+                out.append((view, path.stem))
         return out
 
     def discard_offline(self, view: str, batch_id: str) -> None:
-        (self.offline_dir / view / f"{STAGED_PREFIX}{batch_id}.parquet").unlink(missing_ok=True)
+        self._staged(view, batch_id).unlink(missing_ok=True)
 
     def historical_features(self, entity_df: pd.DataFrame, features: list[str]) -> pd.DataFrame:
         """Point-in-time correct feature values for `entity_df` (entity keys + event_timestamp)."""

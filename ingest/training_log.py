@@ -1,8 +1,8 @@
 """The append-only training log: parquet, partitioned by event hour, every valid event once.
 
-Layout: <root>/event_hour=YYYY-MM-DDTHH/<batch_id>.parquet. A batch is first written under
-hidden names (`_staged-<batch_id>.parquet`; readers ignore names starting with '_') and
-published by renames only after the pipeline's state transaction has committed, so a reader never
+Layout: <root>/event_hour=YYYY-MM-DDTHH/<batch_id>.parquet. A batch is first written into
+<root>/_staging/ (a directory every Hive-style reader skips) and published by renames into its
+hour partitions only after the pipeline's state transaction has committed, so a reader never
 sees an event the state store does not also hold, and a crash leaves either a staged batch that
 recovery publishes or an orphan that it discards.
 """
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from ingest.events import EngagementEvent
 
 HOUR = "event_hour"
-STAGED = "_staged-"
+STAGING = "_staging"
 SCHEMA = pa.schema([
     ("event_id", pa.string()),
     ("user_id", pa.string()),
@@ -66,12 +66,13 @@ class TrainingLogWriter:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        self.staging = root / STAGING
+        self.staging.mkdir(parents=True, exist_ok=True)
         self._staged: dict[str, list[str]] = {}
 
     def stage(self, batch_id: str, events: list[EngagementEvent], rewards: list[float], partition: int,
               offsets: list[int]) -> None:
-        """Write the batch's events, one hidden file per event hour, next to their final place."""
+        """Write the batch's events into the staging directory, one file per event hour."""
         if not events:
             return
         table = events_table(events, rewards, partition, offsets)
@@ -83,9 +84,7 @@ class TrainingLogWriter:
         start = 0
         for end in range(1, len(hours) + 1):
             if end == len(hours) or hours[end] != hours[start]:
-                directory = self.root / f"{HOUR}={hours[start]}"
-                directory.mkdir(exist_ok=True)
-                path = directory / f"{STAGED}{batch_id}.parquet"
+                path = self.staging / f"{batch_id}.{hours[start]}.parquet"
                 pq.write_table(table.slice(start, end - start), path)
                 written.append(str(path))
                 start = end
@@ -94,21 +93,24 @@ class TrainingLogWriter:
     def _staged_files(self, batch_id: str) -> list[Path]:
         if batch_id in self._staged:
             return [Path(p) for p in self._staged[batch_id]]
-        return sorted(self.root.glob(f"{HOUR}=*/{STAGED}{batch_id}.parquet"))
+        return sorted(self.staging.glob(f"{batch_id}.*.parquet"))
 
     def publish(self, batch_id: str) -> int:
         """Rename a staged batch's files to their visible names (idempotent); returns files moved."""
         moved = 0
         for path in self._staged_files(batch_id):
             if path.exists():
-                os.replace(path, path.with_name(path.name[len(STAGED):]))
+                hour = path.name[len(batch_id) + 1:-len(".parquet")]
+                directory = self.root / f"{HOUR}={hour}"
+                directory.mkdir(exist_ok=True)
+                os.replace(path, directory / f"{batch_id}.parquet")
                 moved += 1
         self._staged.pop(batch_id, None)
         return moved
 
     def staged_batches(self) -> list[str]:
         """Batch ids with staged files on disk (after a crash: committed or orphaned)."""
-        ids = {p.name[len(STAGED):-len(".parquet")] for p in self.root.glob(f"{HOUR}=*/{STAGED}*.parquet")}
+        ids = {p.name[:-len(".parquet")].rsplit(".", 1)[0] for p in self.staging.glob("*.parquet")}
         return sorted(ids)
 
     def discard(self, batch_id: str) -> None:
