@@ -7,11 +7,14 @@ each partition stops once it has read everything that was there.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 class TopicMissingError(Exception):
     """A topic the pipeline reads does not exist on the cluster."""
+
+
+class PipelineBusyError(Exception):
+    """Another pipeline process already owns this state store."""
 
 
 class IncompleteRunError(Exception):
@@ -86,8 +93,36 @@ def pipeline_options(runner: str, streaming: bool, extra_args: list[str] | None 
     return options
 
 
+@contextmanager
+def state_lock(state_db: Path) -> Iterator[None]:
+    """One pipeline per state store: a second would only re-read and de-duplicate the first's work."""
+    state_db.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_db.with_suffix(".lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise PipelineBusyError(
+                f"Another pipeline (pid {owner}) is running with state {state_db.parent}; stop it first."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[str] | None = None) -> PipelineResult:
     """Run the pipeline to completion (bounded) or until interrupted (unbounded)."""
+    with state_lock(Path(settings.state_db)):
+        return _run(settings, until_caught_up, extra_args)
+
+
+def _run(settings: SinkSettings, until_caught_up: bool, extra_args: list[str] | None) -> PipelineResult:
     partitions = partition_specs(settings, until_caught_up)
     targets: dict[tuple[str, int], int] = {}
     if until_caught_up:

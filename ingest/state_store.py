@@ -166,41 +166,30 @@ class PipelineStateStore:
         for event in events:
             unique.setdefault(event.event_id, event)
         ids = list(unique)
-        seen: set[str] = set()
-        for chunk in _chunks(ids):
-            marks = ",".join("?" * len(chunk))
-            seen.update(r[0] for r in self.db.execute(f"SELECT event_id FROM seen_events WHERE event_id IN ({marks})", chunk))
+        seen = {row[0] for row in self._rows_in("seen_events", "event_id", ids)}
         fresh = [unique[i] for i in ids if i not in seen]
         self.db.executemany("INSERT INTO seen_events VALUES (?)", ((e.event_id,) for e in fresh))
         return fresh
 
-    def load_users(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
-        out: dict[str, UserHistory] = {}
-        for chunk in _chunks(list(user_ids)):
+    def _rows_in(self, table: str, key: str, ids: Iterable[str]) -> Iterator[tuple]:
+        for chunk in _chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
-            for uid, items, rewards, times, count, last in self.db.execute(
-                f"SELECT * FROM user_history WHERE user_id IN ({marks})", chunk
-            ):
-                out[uid] = UserHistory(uid, json.loads(items), json.loads(rewards), json.loads(times), count, last)
-        return out
+            yield from self.db.execute(f"SELECT * FROM {table} WHERE {key} IN ({marks})", chunk)
+
+    def load_users(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
+        return {
+            uid: UserHistory(uid, json.loads(items), json.loads(rewards), json.loads(times), count, last)
+            for uid, items, rewards, times, count, last in self._rows_in("user_history", "user_id", user_ids)
+        }
 
     def load_items(self, item_ids: Iterable[str]) -> dict[str, ItemStats]:
-        out: dict[str, ItemStats] = {}
-        for chunk in _chunks(list(item_ids)):
-            marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(f"SELECT * FROM item_stats WHERE item_id IN ({marks})", chunk):
-                out[row[0]] = ItemStats(*row)
-        return out
+        return {row[0]: ItemStats(*row) for row in self._rows_in("item_stats", "item_id", item_ids)}
 
     def load_metadata(self, item_ids: Iterable[str]) -> dict[str, ItemMetadata]:
-        out: dict[str, ItemMetadata] = {}
-        for chunk in _chunks(list(item_ids)):
-            marks = ",".join("?" * len(chunk))
-            for iid, title, tags, published, description, updated in self.db.execute(
-                f"SELECT * FROM item_metadata WHERE item_id IN ({marks})", chunk
-            ):
-                out[iid] = ItemMetadata(iid, title, json.loads(tags), published, description, updated)
-        return out
+        return {
+            iid: ItemMetadata(iid, title, json.loads(tags), published, description, updated)
+            for iid, title, tags, published, description, updated in self._rows_in("item_metadata", "item_id", item_ids)
+        }
 
     def apply_events(self, events: list[EngagementEvent], reward: RewardConfig) -> BatchChanges:
         """De-duplicate, then fold the new events into histories, stats and co-occurrences."""

@@ -20,10 +20,11 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (PlumError,)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from features.errors import FeatureStoreError
     from ingest.kafka_clients import KafkaUnavailableError
-    from ingest.pipeline import IncompleteRunError, TopicMissingError
+    from ingest.pipeline import IncompleteRunError, PipelineBusyError, TopicMissingError
     from ingest.producer import DeliveryError
 
-    return (PlumError, KafkaUnavailableError, TopicMissingError, IncompleteRunError, DeliveryError, FeatureStoreError)
+    return (PlumError, KafkaUnavailableError, TopicMissingError, IncompleteRunError, PipelineBusyError,
+            DeliveryError, FeatureStoreError)
 
 
 class PlumGroup(click.Group):

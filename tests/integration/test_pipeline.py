@@ -193,3 +193,24 @@ def test_kill_9_mid_stream_then_restart_holds_every_event_exactly_once(plum_conf
     assert_landed_exactly_once(plum_config, store, events)
     positions = PipelineStateStore(plum_config.paths.pipeline_state_db).read_positions()
     assert sum(v for (t, _), v in positions.items() if t == plum_config.kafka.events_topic) == len(events)
+
+
+def test_a_second_pipeline_on_the_same_state_is_refused(plum_config, tmp_path):
+    from ingest.pipeline import PipelineBusyError, state_lock
+
+    prepare(plum_config)
+    process = _pipeline_process(plum_config, tmp_path / "p.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not plum_config.paths.pipeline_state_db.with_suffix(".lock").exists() or \
+                not plum_config.paths.pipeline_state_db.with_suffix(".lock").read_text():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        with pytest.raises(PipelineBusyError, match=f"pid {process.pid}"):
+            with state_lock(plum_config.paths.pipeline_state_db):
+                pass
+    finally:
+        process.kill()
+        process.wait()
+    with state_lock(plum_config.paths.pipeline_state_db):  # a killed owner leaves no stale lock
+        pass
