@@ -29,8 +29,9 @@ CREATE TABLE IF NOT EXISTS item_stats (
 CREATE TABLE IF NOT EXISTS item_metadata (
     item_id TEXT PRIMARY KEY, title TEXT NOT NULL, tags TEXT NOT NULL, published_at INTEGER,
     description TEXT, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS item_index (item_id TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cooccurrence (
-    item_a TEXT NOT NULL, item_b TEXT NOT NULL, count INTEGER NOT NULL,
+    item_a INTEGER NOT NULL, item_b INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (item_a, item_b)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS read_positions (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
@@ -97,10 +98,6 @@ class BatchChanges:
     users: list[UserHistory]
     items: list[ItemStats]
     metadata: list[ItemMetadata]
-
-
-def _epoch(event: EngagementEvent) -> int:
-    return int(event.event_time.timestamp())
 
 
 class PipelineStateStore:
@@ -176,6 +173,17 @@ class PipelineStateStore:
             marks = ",".join("?" * len(chunk))
             yield from self.db.execute(f"SELECT * FROM {table} WHERE {key} IN ({marks})", chunk)
 
+    def _item_index(self, item_ids: set[str]) -> dict[str, int]:
+        """Dense integer ids of items, assigned on first sight (inside the caller's transaction)."""
+        index = {row[0]: row[1] for row in self._rows_in("item_index", "item_id", item_ids)}
+        missing = sorted(item_ids - index.keys())
+        if missing:
+            start = self.db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM item_index").fetchone()[0]
+            new = {item: start + k for k, item in enumerate(missing)}
+            self.db.executemany("INSERT INTO item_index VALUES (?,?)", new.items())
+            index.update(new)
+        return index
+
     def load_users(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
         return {
             uid: UserHistory(uid, json.loads(items), json.loads(rewards), json.loads(times), count, last)
@@ -198,22 +206,25 @@ class PipelineStateStore:
         # (time, item) order makes a history a function of the event set, whatever the batching.
         fresh.sort(key=lambda e: (e.event_time, e.item_id, e.event_id))
         rewards = [e.reward(reward) for e in fresh]
+        times = [int(e.event_time.timestamp()) for e in fresh]
+        item_ids = [e.item_id for e in fresh]
         by_user: dict[str, list[int]] = defaultdict(list)
         for i, event in enumerate(fresh):
             by_user[event.user_id].append(i)
         users = self.load_users(by_user)
-        items = self.load_items({e.item_id for e in fresh})
+        items = self.load_items(set(item_ids))
         pairs: Counter[tuple[str, str]] = Counter()
         window = self.cooccurrence_window
         for uid, indices in by_user.items():
             history = users.get(uid) or UserHistory(uid, [], [], [], 0, 0)
+            recent = list(history.item_ids)
             entries = list(zip(history.times, history.item_ids, history.rewards))
             for i in indices:
-                event = fresh[i]
-                for other in {item for _, item, _ in entries[-window:]}:
-                    if other != event.item_id:
-                        pairs[(min(other, event.item_id), max(other, event.item_id))] += 1
-                entries.append((_epoch(event), event.item_id, rewards[i]))
+                item = item_ids[i]
+                pairs.update((other, item) if other < item else (item, other)
+                             for other in set(recent[-window:]) if other != item)
+                recent.append(item)
+                entries.append((times[i], item, rewards[i]))
             entries.sort(key=lambda entry: (entry[0], entry[1]))
             entries = entries[-self.history_length:]
             users[uid] = UserHistory(
@@ -221,13 +232,15 @@ class PipelineStateStore:
                 history.event_count + len(indices), max(history.last_event_time, entries[-1][0]),
             )
         for i, event in enumerate(fresh):
-            stats = items.get(event.item_id) or ItemStats(event.item_id, 0, 0, 0, 0.0, 0)
+            stats = items.get(item_ids[i])
+            if stats is None:
+                stats = items[item_ids[i]] = ItemStats(item_ids[i], 0, 0, 0, 0.0, 0)
             stats.impressions += event.event_type is EventType.IMPRESSION
             stats.clicks += event.event_type is EventType.CLICK
             stats.event_count += 1
             stats.reward_sum += rewards[i]
-            stats.last_event_time = max(stats.last_event_time, _epoch(event))
-            items[event.item_id] = stats
+            if times[i] > stats.last_event_time:
+                stats.last_event_time = times[i]
         changed_users = [users[u] for u in by_user]
         self.db.executemany(
             "INSERT OR REPLACE INTO user_history VALUES (?,?,?,?,?,?)",
@@ -238,9 +251,11 @@ class PipelineStateStore:
             "INSERT OR REPLACE INTO item_stats VALUES (?,?,?,?,?,?)",
             ((s.item_id, s.impressions, s.clicks, s.event_count, s.reward_sum, s.last_event_time) for s in items.values()),
         )
+        index = self._item_index({item for pair in pairs for item in pair})
+        # Integer keys: the pair table takes most of the writes, and integer B-tree keys are cheaper.
         self.db.executemany(
             "INSERT INTO cooccurrence VALUES (?,?,?) ON CONFLICT(item_a, item_b) DO UPDATE SET count = count + excluded.count",
-            ((a, b, n) for (a, b), n in pairs.items()),
+            ((index[a], index[b], n) for (a, b), n in pairs.items()),
         )
         self._bump("events_applied", len(fresh))
         self._bump("events_duplicate", duplicates)
@@ -290,4 +305,6 @@ class PipelineStateStore:
 
     def cooccurrence(self, min_count: int = 1) -> list[tuple[str, str, int]]:
         """Item pairs seen within `cooccurrence_window` of each other in a user's history."""
-        return list(self.db.execute("SELECT item_a, item_b, count FROM cooccurrence WHERE count >= ?", (min_count,)))
+        return list(self.db.execute(
+            "SELECT a.item_id, b.item_id, c.count FROM cooccurrence c JOIN item_index a ON a.idx = c.item_a "
+            "JOIN item_index b ON b.idx = c.item_b WHERE c.count >= ?", (min_count,)))
