@@ -10,7 +10,7 @@ from apache_beam.metrics import Metrics
 from pydantic import BaseModel, ValidationError
 
 from ingest.events import EngagementEvent, ItemUpsert
-from ingest.kafka_source import RecordBatch
+from ingest.kafka_source import BatchCoder, RecordBatch
 
 Parsed = Union[EngagementEvent, ItemUpsert]
 
@@ -38,6 +38,12 @@ class ParsedBatch:
     records: list[Parsed] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.rejects)
+
+
+beam.coders.registry.register_coder(ParsedBatch, BatchCoder)
 
 
 def _reason(exc: ValidationError) -> str:

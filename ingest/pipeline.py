@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.kafka_clients import end_offsets, topic_partitions
 from ingest.kafka_source import PartitionSpec, ReadFromKafkaPartitions
-from ingest.parse import ParseRecords
+from ingest.parse import ParsedBatch, ParseRecords
 from ingest.sinks import ApplyBatches, SinkSettings, close_shared_appliers
 from ingest.state_store import PipelineStateStore
 
@@ -79,7 +79,7 @@ def build(pipeline: beam.Pipeline, settings: SinkSettings, partitions: list[Part
     return (
         pipeline
         | "ReadKafka" >> ReadFromKafkaPartitions(kafka, partitions, cfg.poll_max_records, cfg.poll_timeout_ms)
-        | "ParseAndValidate" >> beam.ParDo(ParseRecords(models, cfg.max_payload_bytes))
+        | "ParseAndValidate" >> beam.ParDo(ParseRecords(models, cfg.max_payload_bytes)).with_output_types(ParsedBatch)
         | "ApplyToSinks" >> beam.ParDo(ApplyBatches(settings))
     )
 
