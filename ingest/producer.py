@@ -69,9 +69,15 @@ class EventProducer:
             failures, self._failures = self._failures, []
             raise DeliveryError(f"{len(failures)} records were not delivered; first error: {failures[0]}")
 
-    def close(self) -> None:
-        self.flush()
-        self._producer.close()
+    def close(self, timeout: float = 60.0) -> None:
+        """Flush (raising DeliveryError for anything unacknowledged), then release the connection."""
+        try:
+            self.flush(timeout)
+        finally:
+            try:
+                self._producer.close(timeout=timeout)
+            except KafkaError:
+                pass  # only undelivered records make close fail, and flush has reported them
 
     def __enter__(self) -> "EventProducer":
         return self

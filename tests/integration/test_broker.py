@@ -50,3 +50,19 @@ def test_end_offsets_count_every_record_even_in_one_large_batch(plum_config):
     producer.flush()
     producer.close()
     assert end_offsets(kafka, kafka.events_topic, 4) == {0: 250, 1: 250, 2: 0, 3: 0}
+
+
+def test_producer_reports_records_the_broker_never_acknowledged(tmp_path):
+    from ingest.producer import DeliveryError, EventProducer
+
+    broker = EmbeddedBroker(tmp_path / "broker.log")
+    info = broker.start()
+    kafka = KafkaConfig(bootstrap_servers=info.bootstrap_servers)
+    ensure_topics(kafka)
+    producer = EventProducer(kafka, retries=1, request_timeout_ms=1000, reconnect_backoff_max_ms=200)
+    producer.send_raw(kafka.events_topic, b"k", b"before")
+    producer.flush()
+    broker.stop()
+    producer.send_raw(kafka.events_topic, b"k", b"lost")
+    with pytest.raises(DeliveryError):
+        producer.close(timeout=2)

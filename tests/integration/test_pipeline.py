@@ -11,6 +11,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from kafka import TopicPartition
 
@@ -85,6 +86,15 @@ def test_replayed_movielens_slice_lands_user_by_user(plum_config):
     assert meta["title"][0] == ds.items.set_index("item_id").loc[first.item_id, "title"]
     stats = store.read_online("item_stats", [first.item_id])
     assert stats["event_count"][0] == sum(e.item_id == first.item_id for e in events)
+    # The offline store got the same values: point-in-time retrieval after each user's last event.
+    expected = expected_histories(events)
+    users = sorted(expected)[:25]
+    last_time = {e.user_id: e.event_time for e in events}
+    entity = pd.DataFrame({"user_id": users, "event_timestamp": [last_time[u] for u in users]})
+    offline = store.historical_features(entity, ["user_history:event_count"]).set_index("user_id")
+    assert {u: int(offline.loc[u, "event_count"]) for u in users} == {u: expected[u][1] for u in users}
+    pairs = PipelineStateStore(plum_config.paths.pipeline_state_db).cooccurrence()
+    assert pairs and all(a < b and n >= 1 for a, b, n in pairs)
 
 
 def test_events_delivered_twice_count_once(plum_config):
