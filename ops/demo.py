@@ -94,7 +94,7 @@ def summarise(cfg: PlumConfig) -> None:
     click.echo("online store (Feast), the three most active users:")
     for row in histories.itertuples():
         last = [titles.get(i) or i for i in (row.history_item_ids or [])[-3:]]
-        click.echo(f"  user {row.user_id}: {row.event_count} events; last watched: {'; '.join(last)}")
+        click.echo(f"  user {row.user_id}: {row.event_count} events; latest: {'; '.join(last)}")
     top_items = log["item_id"].value_counts().index[:3].tolist()
     stats = store.read_online("item_stats", top_items)
     meta = dict(zip(top_items, store.read_online("item_metadata", top_items)["title"]))
