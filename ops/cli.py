@@ -182,7 +182,7 @@ def bench() -> None:
 @click.option("--delay-seconds", type=click.IntRange(min=1), default=20, show_default=True,
               help="How long to offer load for the delay measurement.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/ingest.json).")
+              help="Result file (default ops/bench/results/ingest.json, which also updates the README table).")
 @click.pass_context
 def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int, output: str | None) -> None:
     """End-to-end events/s, p50/p99 event-to-online-feature delay at a fixed offered load, and the

@@ -262,7 +262,8 @@ def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds:
         "targets": {"streaming_events_per_s": ">= 10000", "delay_p99_s_at_2000_per_s": "< 2"},
     }
     path = write_result("ingest", report, output)
-    update_readme_table("ingest", readme_table(report))
+    if output is None:  # the README shows the default result file, not ad-hoc runs
+        update_readme_table("ingest", readme_table(report))
     click.echo(f"bench: wrote {path}")
     return report
 
