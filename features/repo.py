@@ -19,9 +19,10 @@ TIMESTAMP = "event_timestamp"
 USER_HISTORY = "user_history"
 ITEM_STATS = "item_stats"
 ITEM_METADATA = "item_metadata"
-VIEWS = (USER_HISTORY, ITEM_STATS, ITEM_METADATA)
+ITEM_SID = "item_sid"
+VIEWS = (USER_HISTORY, ITEM_STATS, ITEM_METADATA, ITEM_SID)
 
-ENTITY_KEY = {USER_HISTORY: "user_id", ITEM_STATS: "item_id", ITEM_METADATA: "item_id"}
+ENTITY_KEY = {USER_HISTORY: "user_id", ITEM_STATS: "item_id", ITEM_METADATA: "item_id", ITEM_SID: "item_id"}
 
 # Arrow schema of each view's offline files (entity key, features, timestamp), in Feast's column order.
 VIEW_SCHEMAS: dict[str, pa.Schema] = {
@@ -49,6 +50,13 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
         ("published_at", pa.int64()),                  # unix seconds, null when unknown
         (TIMESTAMP, pa.timestamp("us", tz="UTC")),
     ]),
+    ITEM_SID: pa.schema([
+        ("item_id", pa.string()),
+        ("sid_version", pa.int64()),
+        ("sid_codes", pa.list_(pa.int64())),           # one code per level
+        ("sid_suffix", pa.int64()),                    # collision suffix token
+        (TIMESTAMP, pa.timestamp("us", tz="UTC")),
+    ]),
 }
 
 _FEAST_TYPES = {
@@ -68,7 +76,7 @@ def feature_objects(offline_dir: Path) -> list:
                   description="A user of the recommender")
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
                   description="A recommendable item")
-    entity = {USER_HISTORY: user, ITEM_STATS: item, ITEM_METADATA: item}
+    entity = {USER_HISTORY: user, ITEM_STATS: item, ITEM_METADATA: item, ITEM_SID: item}
     objects: list = [user, item]
     views = []
     for name in VIEWS:

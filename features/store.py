@@ -129,16 +129,29 @@ class FeatureStoreClient:
         self.stage_offline(view, frame, batch_id)
         self.publish_offline(view, batch_id)
 
-    def pending_offline(self) -> list[tuple[str, str]]:
-        """(view, batch_id) of every staged, unpublished batch."""
+    def pending_offline(self, views: tuple[str, ...] = VIEWS) -> list[tuple[str, str]]:
+        """(view, batch_id) of every staged, unpublished batch of these views."""
         out = []
-        for view in VIEWS:
+        for view in views:
             for path in sorted((self.offline_dir / STAGING / view).glob("*.parquet")):
                 out.append((view, path.stem))
         return out
 
     def discard_offline(self, view: str, batch_id: str) -> None:
         self._staged(view, batch_id).unlink(missing_ok=True)
+
+    def latest_offline(self, view: str) -> pd.DataFrame:
+        """The newest published row of every entity of a view, from its offline files."""
+        import pyarrow.dataset as ds
+
+        self._check_view(view)
+        schema = VIEW_SCHEMAS[view]
+        files = sorted(str(p) for p in (self.offline_dir / view).glob("*.parquet") if p.name != SCHEMA_FILE)
+        if not files:
+            return schema.empty_table().to_pandas()
+        frame = ds.dataset(files, format="parquet", schema=schema).to_table().to_pandas()
+        frame = frame.sort_values(TIMESTAMP, kind="stable")
+        return frame.drop_duplicates(ENTITY_KEY[view], keep="last").reset_index(drop=True)
 
     def historical_features(self, entity_df: pd.DataFrame, features: list[str]) -> pd.DataFrame:
         """Point-in-time correct feature values for `entity_df` (entity keys + event_timestamp)."""

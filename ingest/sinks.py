@@ -38,7 +38,7 @@ from ingest.parse import ParsedBatch, Reject
 from ingest.state_store import ItemMetadata, ItemStats, PipelineStateStore, UserHistory
 from ingest.training_log import TrainingLogWriter
 
-VIEWS = ("user_history", "item_stats", "item_metadata")
+VIEWS = ("user_history", "item_stats", "item_metadata")  # the views this pipeline writes
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class BatchApplier:
             for batch_id in self.training_log.staged_batches():
                 if batch_id not in committed:
                     self.training_log.discard(batch_id)
-            for view, batch_id in self.features.pending_offline():
+            for view, batch_id in self.features.pending_offline(VIEWS):
                 if batch_id not in committed:
                     self.features.discard_offline(view, batch_id)
             for batch_id, users, items, metadata_items in pending:

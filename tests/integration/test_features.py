@@ -70,6 +70,14 @@ def test_historical_retrieval_is_point_in_time_correct(client):
     assert list(result["event_count"]) == [1, 2]
 
 
+def test_latest_offline_rows_per_entity(client):
+    client.write_offline("item_metadata", item_metadata_frame([ItemMetadata("m1", "Old", [], None, None, T)]), "m-1")
+    client.write_offline("item_metadata", item_metadata_frame([
+        ItemMetadata("m1", "New", ["t"], None, None, T + 5), ItemMetadata("m2", "Other", [], 0, None, T)]), "m-2")
+    latest = client.latest_offline("item_metadata").set_index("item_id")
+    assert latest.loc["m1", "title"] == "New" and latest.loc["m2", "title"] == "Other"
+
+
 def test_unknown_view_and_missing_repo_are_clear_errors(tmp_path, client):
     with pytest.raises(FeatureStoreError, match="Unknown feature view 'user_hist'"):
         client.read_online("user_hist", ["u1"])

@@ -20,9 +20,10 @@ def test_redis_is_configuration_only(tmp_path):
 
 
 def test_views_carry_the_contracted_features():
-    assert VIEWS == ("user_history", "item_stats", "item_metadata")
+    assert VIEWS == ("user_history", "item_stats", "item_metadata", "item_sid")
     assert feature_columns("user_history") == ["history_item_ids", "history_rewards", "history_times", "event_count"]
     assert feature_columns("item_stats") == ["impressions", "clicks", "event_count", "mean_reward", "last_event_time"]
     assert feature_columns("item_metadata") == ["title", "tags", "published_at"]
+    assert feature_columns("item_sid") == ["sid_version", "sid_codes", "sid_suffix"]
     for view in VIEWS:
         assert VIEW_SCHEMAS[view].names[-1] == "event_timestamp"
