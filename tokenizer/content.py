@@ -55,22 +55,38 @@ def text_features(titles: Sequence[str], descriptions: Sequence[str | None], enc
     return out, present
 
 
-def metadata_features(tags: Sequence[Sequence[str]], years: Sequence[float | None], max_tags: int = 256
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-hot of the `max_tags` most frequent tags, then a standardised year and a year-known flag."""
-    counts = Counter(tag for item_tags in tags for tag in set(item_tags))
-    vocabulary = {tag: i for i, (tag, _) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_tags])}
-    out = np.zeros((len(tags), len(vocabulary) + 2), np.float32)
+@dataclass(frozen=True)
+class MetadataVocabulary:
+    """What metadata features were fitted on; frozen with a SID version so new items match."""
+
+    tags: tuple[str, ...]
+    year_mean: float = 0.0
+    year_std: float = 1.0
+
+    @classmethod
+    def fit(cls, tags: Sequence[Sequence[str]], years: Sequence[float | None], max_tags: int = 256
+            ) -> "MetadataVocabulary":
+        counts = Counter(tag for item_tags in tags for tag in set(item_tags))
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_tags]
+        known = np.array([y for y in years if y is not None and np.isfinite(y)], np.float64)
+        mean = float(known.mean()) if len(known) else 0.0
+        std = float(known.std()) if len(known) and known.std() > 0 else 1.0
+        return cls(tuple(tag for tag, _ in ranked), mean, std)
+
+
+def metadata_features(tags: Sequence[Sequence[str]], years: Sequence[float | None],
+                      vocabulary: MetadataVocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot over the vocabulary's tags, then a standardised year and a year-known flag."""
+    index = {tag: i for i, tag in enumerate(vocabulary.tags)}
+    out = np.zeros((len(tags), len(index) + 2), np.float32)
     for row, item_tags in enumerate(tags):
         for tag in item_tags:
-            if tag in vocabulary:
-                out[row, vocabulary[tag]] = 1.0
-    known = np.array([y is not None and np.isfinite(y) for y in years])
-    if known.any():
-        values = np.array([y for y, k in zip(years, known) if k], np.float64)
-        std = values.std() or 1.0
-        out[known, -2] = (values - values.mean()) / std
-        out[known, -1] = 1.0
+            if tag in index:
+                out[row, index[tag]] = 1.0
+    for row, year in enumerate(years):
+        if year is not None and np.isfinite(year):
+            out[row, -2] = (year - vocabulary.year_mean) / vocabulary.year_std
+            out[row, -1] = 1.0
     present = out.any(axis=1)
     return out, present
 

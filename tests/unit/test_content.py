@@ -1,17 +1,24 @@
 import numpy as np
 import pytest
 
-from tokenizer.content import ContentError, build_content, collaborative_features, metadata_features
+from tokenizer.content import (
+    ContentError, MetadataVocabulary, build_content, collaborative_features, metadata_features,
+)
 
 pytestmark = pytest.mark.unit
 
 
 def test_metadata_multi_hot_and_year_with_missing_values():
-    x, present = metadata_features([["drama", "war"], ["drama"], []], [1990.0, None, None], max_tags=8)
+    tags, years = [["drama", "war"], ["drama"], []], [1990.0, None, None]
+    vocabulary = MetadataVocabulary.fit(tags, years, max_tags=8)
+    assert vocabulary.tags == ("drama", "war")
+    x, present = metadata_features(tags, years, vocabulary)
     assert x.shape == (3, 2 + 2)
     assert list(x[0, :2]) == [1.0, 1.0] and list(x[1, :2]) == [1.0, 0.0]  # drama is the most frequent tag
     assert x[0, -1] == 1.0 and x[1, -1] == 0.0
     assert list(present) == [True, True, False]  # no tags and no year: metadata absent
+    later, _ = metadata_features([["war", "unseen-tag"]], [2000.0], vocabulary)  # frozen vocabulary
+    assert list(later[0, :2]) == [0.0, 1.0] and later.shape == (1, 4)
 
 
 def test_collaborative_vectors_put_co_occurring_items_together():
