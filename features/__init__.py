@@ -1,8 +1,26 @@
-"""Feast feature repo and store wrapper: user_history, item_stats, item_metadata."""
+"""Feast feature repo and store wrapper: user_history, item_stats, item_metadata, item_sid.
 
-from features.errors import FeatureStoreError
-from features.repo import ITEM_METADATA, ITEM_SID, ITEM_STATS, USER_HISTORY, VIEWS, feature_objects
-from features.store import FeatureStoreClient
+Public surface: FeatureStoreClient, FeatureStoreError, feature_objects and the view names. They
+are loaded on first use, so that importing `features.config` does not import Feast (seconds).
+"""
 
-__all__ = ["FeatureStoreClient", "FeatureStoreError", "feature_objects", "VIEWS", "USER_HISTORY", "ITEM_STATS",
-           "ITEM_METADATA", "ITEM_SID"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "FeatureStoreClient": "features.store",
+    "FeatureStoreError": "features.errors",
+    "feature_objects": "features.repo",
+    "VIEWS": "features.repo",
+    "USER_HISTORY": "features.repo",
+    "ITEM_STATS": "features.repo",
+    "ITEM_METADATA": "features.repo",
+    "ITEM_SID": "features.repo",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'features' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from features.config import FeastConfig
 from ingest.config import KafkaConfig, PipelineConfig
+from tokenizer.config import TokenizeSettings
 from ops.errors import ConfigError
 
 ENV_PREFIX = "PLUM_"
@@ -52,6 +53,10 @@ class PathsConfig(BaseModel):
         return self.state("pipeline", "state.db")
 
     @property
+    def sid_dir(self) -> Path:
+        return self.state("sid")
+
+    @property
     def stack_file(self) -> Path:
         return self.state("stack.json")
 
@@ -65,6 +70,7 @@ class PlumConfig(BaseModel):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     feast: FeastConfig = Field(default_factory=FeastConfig)
+    tokenizer: TokenizeSettings = Field(default_factory=TokenizeSettings)
 
     @property
     def feast_repo_dir(self) -> Path:
