@@ -23,8 +23,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ingest.pipeline import IncompleteRunError, PipelineBusyError, TopicMissingError
     from ingest.producer import DeliveryError
 
+    from tokenizer.content import ContentError
+    from tokenizer.sid_table import SIDTableError
+    from tokenizer.text_encoder import TextEncoderError
+
     return (PlumError, KafkaUnavailableError, TopicMissingError, IncompleteRunError, PipelineBusyError,
-            DeliveryError, FeatureStoreError)
+            DeliveryError, FeatureStoreError, ContentError, SIDTableError, TextEncoderError)
 
 
 class PlumGroup(click.Group):
@@ -152,6 +156,39 @@ def pipeline(ctx: click.Context, until_caught_up: bool, runner: str | None, beam
     from ops.ingest_jobs import run_pipeline
 
     run_pipeline(_config(ctx), until_caught_up=until_caught_up, runner=runner, beam_args=list(beam_args))
+
+
+# -- tokenizer ------------------------------------------------------------------------------
+@cli.group()
+def tokenize() -> None:
+    """Semantic IDs: fit an RQ-VAE (SID-v2) over the catalogue, or give new items SIDs."""
+
+
+@tokenize.command("fit")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default from config).")
+@click.pass_context
+def tokenize_fit(ctx: click.Context, steps: int | None) -> None:
+    """Train a new RQ-VAE on the catalogue in Feast (item_metadata) and the pipeline's co-occurrence
+    counts, write SID table version N+1 under <state>/sid, push item SIDs to the Feast view item_sid,
+    and say how many items' SIDs changed against version N."""
+    from ops.tokenize_jobs import fit
+
+    cfg = _config(ctx)
+    if steps is not None:
+        cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"steps": steps})})
+    fit(cfg)
+
+
+@tokenize.command("assign")
+@click.option("--every", default=None, metavar="DURATION",
+              help="Run again every DURATION (30s, 10m, 2h, 1d) until interrupted.")
+@click.pass_context
+def tokenize_assign(ctx: click.Context, every: str | None) -> None:
+    """Re-tokenization: give items that arrived since the newest SID version their SIDs, with that
+    version's frozen RQ-VAE (no retraining); existing items keep their SIDs."""
+    from ops.tokenize_jobs import assign
+
+    assign(_config(ctx), every=every)
 
 
 # -- the main job ---------------------------------------------------------------------------
