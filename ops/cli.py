@@ -229,6 +229,21 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
     run(_config(ctx), events=events, rate=rate, delay_seconds=delay_seconds, output=output)
 
 
+@bench.command("sid")
+@click.option("--dataset", "datasets", multiple=True, type=click.Choice(DATASETS),
+              default=("movielens-100k", "amazon-beauty"), show_default=True, help="Data sets to run (repeatable).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="RQ-VAE training steps per row.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/sid.json, which also updates the README table).")
+@click.pass_context
+def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, output: str | None) -> None:
+    """The SID-v2 ablation: SIDv1 (plain RQ-VAE on text), then multi-resolution, progressive masking,
+    multi-modal fusion and co-occurrence in turn; uniqueness, utilisation, shared first codes."""
+    from ops.bench.sid import run
+
+    run(_config(ctx), datasets, steps, output)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
