@@ -5,6 +5,7 @@
 - collaborative: a truncated SVD of the positive PMI matrix of item co-occurrence counts
   (the pipeline keeps those counts), scaled by the square root of the singular values.
 An item lacking a modality gets zeros there and presence 0; the RQ-VAE ignores absent blocks.
+Every block is L2-normalised per item so that no modality dominates by scale.
 """
 
 from __future__ import annotations
@@ -138,6 +139,13 @@ def build_content(item_ids: Sequence[str], blocks: dict[str, tuple[np.ndarray, n
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).any(axis=1).sum())
             raise ContentError(f"The {name} features of {bad} items are NaN or infinite; fix their inputs first.")
-    x = np.concatenate([blocks[n][0] for n in names], axis=1).astype(np.float32)
+    # Each block is scaled to unit norm per item: otherwise the modality with the largest values
+    # dominates the reconstruction loss (on Beauty, fused SIDs fell to 27% uniqueness without it).
+    parts = []
+    for name in names:
+        values = blocks[name][0].astype(np.float32)
+        norms = np.linalg.norm(values, axis=1, keepdims=True)
+        parts.append(np.where(norms > 0, values / np.maximum(norms, 1e-12), 0.0))
+    x = np.concatenate(parts, axis=1).astype(np.float32)
     presence = np.stack([blocks[n][1] for n in names], axis=1).astype(np.float32)
     return ItemContent(tuple(item_ids), tuple((n, blocks[n][0].shape[1]) for n in names), x, presence)

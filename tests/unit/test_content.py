@@ -42,7 +42,7 @@ def test_build_content_concatenates_in_modality_order_and_validates():
     assert content.modality_dims == (("metadata", 3), ("collaborative", 2))
     assert content.x.shape == (2, 5)
     assert content.presence.tolist() == [[1.0, 0.0], [0.0, 1.0]]
-    np.testing.assert_array_equal(content.block("metadata"), meta[0])
+    np.testing.assert_allclose(content.block("metadata"), meta[0] / np.sqrt(3))  # unit norm per item
     with pytest.raises(ContentError, match="empty"):
         build_content([], {"metadata": meta})
     bad = (np.array([[np.nan, 0, 0], [0, 0, 0]], np.float32), np.array([True, True]))
