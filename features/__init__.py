@@ -1,7 +1,8 @@
 """Feast feature repo and store wrapper: user_history, item_stats, item_metadata, item_sid.
 
-Public surface: FeatureStoreClient, FeatureStoreError, feature_objects and the view names. They
-are loaded on first use, so that importing `features.config` does not import Feast (seconds).
+Public surface: FeatureStoreClient, FeatureStoreError, feature_objects, the view names and
+VIEW_COLUMNS (each view's DataFrame columns). They are loaded on first use, so that importing
+`features.config` does not import Feast (seconds).
 """
 
 from importlib import import_module
@@ -12,6 +13,7 @@ _EXPORTS = {
     "FeatureStoreError": "features.errors",
     "feature_objects": "features.repo",
     "VIEWS": "features.repo",
+    "VIEW_COLUMNS": "features.repo",
     "USER_HISTORY": "features.repo",
     "ITEM_STATS": "features.repo",
     "ITEM_METADATA": "features.repo",

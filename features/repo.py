@@ -1,8 +1,8 @@
 """The Feast repo, declared: entities, push sources, feature views, one feature service.
 
-Each view's offline source is a directory of parquet files, one file per pipeline batch (see
-store.py for why), plus an empty `_schema.parquet` so that Feast can infer the schema before the
-first batch arrives. Names here are the contract other components read.
+Each view's offline source is a directory of parquet files, one file per pipeline batch, plus an
+empty `_schema.parquet` (store.py says why both). Feature schemas are declared here, never inferred
+from the files. Names here are the contract other components read.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
         (TIMESTAMP, pa.timestamp("us", tz="UTC")),
     ]),
 }
+
+# Every column of a view's DataFrames, in order: what push_online and the offline writes take.
+VIEW_COLUMNS: dict[str, list[str]] = {view: schema.names for view, schema in VIEW_SCHEMAS.items()}
 
 _FEAST_TYPES = {
     pa.string(): String, pa.int64(): Int64, pa.float32(): Float32,

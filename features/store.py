@@ -1,15 +1,29 @@
 """A thin wrapper over feast.FeatureStore: apply, push, read online, historical retrieval.
 
-Offline writes do not go through Feast's push: the file offline store's `offline_write_batch`
-re-reads and rewrites the whole parquet table on every push (quadratic, and a crash mid-write
-corrupts it). Instead each view's source is a directory and every batch adds one parquet file,
-staged outside it (in offline/_staging/<view>/; Feast's dask reader would see a hidden file
-inside the source directory) and published by an atomic rename into it.
+What Feast 0.67 (file offline store = dask 2026.8) does, and how this module works with it:
+- Offline writes do not go through Feast's push: the file offline store's `offline_write_batch`
+  re-reads and rewrites the whole parquet table on every push (quadratic, and a crash mid-write
+  corrupts it). Each view's source is a directory instead, and every batch adds one parquet file.
+- dask's `read_parquet(<directory>)` reads every `*.parquet` file in it, names starting with `_`
+  or `.` included (pyarrow's ParquetDataset skips those; dask does not). So a batch is staged
+  outside the source directory, in offline/_staging/<view>/, and published by an atomic rename
+  into it; a hidden temporary name inside the directory would be read by historical retrieval.
+- That same dask read fails on a directory without a parquet file ("No files satisfy the
+  `parquet_file_extension` criteria"), so historical retrieval of a view with no batches yet
+  would raise. apply() writes an empty `_schema.parquet` with the view's Arrow schema into each
+  directory: dask reads it (zero rows), so retrieval works from the start. apply() itself needs
+  no files: the schemas are declared in repo.py, never inferred.
+- Pushes: Feast rejects an Array(Float32) list holding Python ints (TypeError) and turns null
+  Int64 values into floats on the way through pandas. push_online therefore converts each frame
+  to the view's Arrow schema first and hands Feast Arrow-backed columns (exact types, and about
+  a third faster to push than lists of Python objects).
+- A push whose feature columns are all null is skipped by Feast with only a warning.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +38,7 @@ from features.repo import ENTITY_KEY, TIMESTAMP, VIEW_SCHEMAS, VIEWS, feature_co
 
 SCHEMA_FILE = "_schema.parquet"
 STAGING = "_staging"
+_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def repo_config(repo_dir: Path, cfg: FeastConfig) -> dict[str, Any]:
@@ -38,8 +53,37 @@ def repo_config(repo_dir: Path, cfg: FeastConfig) -> dict[str, Any]:
         "provider": "local",
         "online_store": online,
         "offline_store": {"type": "file"},
-        "entity_key_serialization_version": 3,
+        "entity_key_serialization_version": 3,  # 0.67's default and the only one it recommends
     }
+
+
+def write_repo_config(repo_dir: Path, cfg: FeastConfig) -> Path:
+    """Write `<repo_dir>/feature_store.yaml` and return its path."""
+    path = Path(repo_dir) / "feature_store.yaml"
+    path.write_text(yaml.safe_dump(repo_config(Path(repo_dir), cfg), sort_keys=False))
+    return path
+
+
+def _check_view(view: str) -> None:
+    if view not in VIEWS:
+        raise FeatureStoreError(f"Unknown feature view '{view}'; known views: {', '.join(VIEWS)}.")
+
+
+def _check_batch_id(batch_id: str) -> None:
+    # Batch ids become file names next to _schema.parquet: no separators, no hidden names.
+    if not _BATCH_ID.fullmatch(batch_id) or batch_id == SCHEMA_FILE.removesuffix(".parquet"):
+        raise ValueError(f"Invalid batch id {batch_id!r}: use letters, digits, '.', '_' and '-', "
+                         "starting with a letter or digit.")
+
+
+def view_table(view: str, frame: pd.DataFrame) -> pa.Table:
+    """`frame` as an Arrow table of the view's schema (columns in VIEW_COLUMNS order, types cast)."""
+    _check_view(view)
+    schema = VIEW_SCHEMAS[view]
+    missing = [name for name in schema.names if name not in frame.columns]
+    if missing:
+        raise ValueError(f"A '{view}' frame needs the columns {schema.names}; missing: {missing}.")
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
 class FeatureStoreClient:
@@ -53,6 +97,7 @@ class FeatureStoreClient:
 
     @property
     def store(self) -> Any:
+        """The underlying feast.FeatureStore (raises FeatureStoreError when the repo was never applied)."""
         if self._store is None:
             if not (self.repo_dir / "feature_store.yaml").is_file():
                 raise FeatureStoreError(
@@ -70,81 +115,92 @@ class FeatureStoreClient:
             directory = self.offline_dir / view
             directory.mkdir(parents=True, exist_ok=True)
             (self.offline_dir / STAGING / view).mkdir(parents=True, exist_ok=True)
-            if not (directory / SCHEMA_FILE).exists():
-                pq.write_table(VIEW_SCHEMAS[view].empty_table(), directory / SCHEMA_FILE)
-        config = self.repo_dir / "feature_store.yaml"
-        config.write_text(yaml.safe_dump(repo_config(self.repo_dir, self.cfg), sort_keys=False))
+            schema_file = directory / SCHEMA_FILE
+            # Rewritten when a view's schema grew, so that dask sees the new columns from the start.
+            if not schema_file.exists() or not pq.read_schema(schema_file).equals(VIEW_SCHEMAS[view]):
+                pq.write_table(VIEW_SCHEMAS[view].empty_table(), schema_file)
+        write_repo_config(self.repo_dir, self.cfg)
         self._store = None
         self.store.apply(feature_objects(self.offline_dir))
 
     # -- online ---------------------------------------------------------------------------
     def push_online(self, view: str, frame: pd.DataFrame) -> None:
-        """Write the absolute feature values of `frame`'s entities to the online store."""
+        """Write the absolute feature values of `frame`'s entities (columns: VIEW_COLUMNS[view])."""
         from feast.data_source import PushMode
 
-        self._check_view(view)
-        if len(frame):
-            self.store.push(f"{view}_push", frame, to=PushMode.ONLINE)
+        table = view_table(view, frame)
+        if table.num_rows:
+            self.store.push(f"{view}_push", table.to_pandas(types_mapper=pd.ArrowDtype), to=PushMode.ONLINE)
 
     def read_online(self, view: str, entity_ids: list[str]) -> pd.DataFrame:
-        """One row per requested id, in order; features are null for unknown entities."""
-        self._check_view(view)
+        """One row per requested id, in order: the entity key, then the view's features.
+
+        Cells hold Python values (str, int, float, list) and None where an entity is unknown;
+        object columns, so Int64 features stay exact ints instead of floats beside a None.
+        """
+        _check_view(view)
         key = ENTITY_KEY[view]
         columns = [key, *feature_columns(view)]
         if not entity_ids:
-            return pd.DataFrame(columns=columns)
+            return pd.DataFrame({col: [] for col in columns}, dtype=object)
         response = self.store.get_online_features(
             features=[f"{view}:{col}" for col in feature_columns(view)],
-            entity_rows=[{key: entity_id} for entity_id in entity_ids],
+            entity_rows={key: list(entity_ids)},
         )
-        return response.to_df()[columns]
+        values = response.to_dict()
+        return pd.DataFrame({col: values[col] for col in columns}, dtype=object)
 
     # -- offline --------------------------------------------------------------------------
-    def _table(self, view: str, frame: pd.DataFrame) -> pa.Table:
-        schema = VIEW_SCHEMAS[view]
-        return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-
-    def stage_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> Path:
-        """Write a batch's rows under a hidden name; invisible until `publish_offline`."""
-        self._check_view(view)
-        path = self._staged(view, batch_id)
-        pq.write_table(self._table(view, frame), path)
-        return path
-
     def _staged(self, view: str, batch_id: str) -> Path:
         return self.offline_dir / STAGING / view / f"{batch_id}.parquet"
 
+    def _published(self, view: str, batch_id: str) -> Path:
+        return self.offline_dir / view / f"{batch_id}.parquet"
+
+    def stage_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> Path:
+        """Write a batch's rows where readers do not look; invisible until `publish_offline`."""
+        _check_batch_id(batch_id)
+        table = view_table(view, frame)
+        path = self._staged(view, batch_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return path
+
     def publish_offline(self, view: str, batch_id: str) -> bool:
-        """Make a staged batch visible (atomic rename); a no-op when already published."""
+        """Make a staged batch visible (atomic rename); False, doing nothing, when none is staged."""
+        _check_view(view)
+        _check_batch_id(batch_id)
         staged = self._staged(view, batch_id)
         if not staged.exists():
             return False
-        os.replace(staged, self.offline_dir / view / f"{batch_id}.parquet")
+        os.replace(staged, self._published(view, batch_id))
         return True
 
-    def write_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> None:
-        """Stage and publish in one go; a batch id that exists already is left as it is."""
-        if (self.offline_dir / view / f"{batch_id}.parquet").exists():
-            return
+    def write_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> bool:
+        """Stage and publish in one go; a batch id published already is left as it is (False)."""
+        _check_view(view)
+        _check_batch_id(batch_id)
+        if self._published(view, batch_id).exists():
+            return False
         self.stage_offline(view, frame, batch_id)
-        self.publish_offline(view, batch_id)
+        return self.publish_offline(view, batch_id)
 
     def pending_offline(self, views: tuple[str, ...] = VIEWS) -> list[tuple[str, str]]:
         """(view, batch_id) of every staged, unpublished batch of these views."""
-        out = []
-        for view in views:
-            for path in sorted((self.offline_dir / STAGING / view).glob("*.parquet")):
-                out.append((view, path.stem))
-        return out
+        return [(view, path.stem) for view in views
+                for path in sorted((self.offline_dir / STAGING / view).glob("*.parquet"))]
 
     def discard_offline(self, view: str, batch_id: str) -> None:
+        """Delete a staged batch (a no-op when there is none)."""
+        _check_view(view)
+        _check_batch_id(batch_id)
         self._staged(view, batch_id).unlink(missing_ok=True)
 
     def latest_offline(self, view: str) -> pd.DataFrame:
         """The newest published row of every entity of a view, from its offline files."""
         import pyarrow.dataset as ds
 
-        self._check_view(view)
+        _check_view(view)
         schema = VIEW_SCHEMAS[view]
         files = sorted(str(p) for p in (self.offline_dir / view).glob("*.parquet") if p.name != SCHEMA_FILE)
         if not files:
@@ -153,13 +209,48 @@ class FeatureStoreClient:
         frame = frame.sort_values(TIMESTAMP, kind="stable")
         return frame.drop_duplicates(ENTITY_KEY[view], keep="last").reset_index(drop=True)
 
-    def historical_features(self, entity_df: pd.DataFrame, features: list[str]) -> pd.DataFrame:
-        """Point-in-time correct feature values for `entity_df` (entity keys + event_timestamp)."""
+    def historical_features(self, entity_df: pd.DataFrame, features: list[str],
+                            full_feature_names: bool = False) -> pd.DataFrame:
+        """Point-in-time correct values of `"view:feature"` refs for each row of `entity_df`.
+
+        `entity_df` holds the views' entity keys and an `event_timestamp` column (other columns
+        ride along). The result is `entity_df` (same rows, same order) plus one column per
+        feature (`view__feature` with full_feature_names), read from published batches only.
+        Arrays come back as numpy arrays. No row at or before a timestamp gives None (strings,
+        arrays) or NaN (numbers), so an Int64 feature comes back as floats when a value is missing.
+        """
         if TIMESTAMP not in entity_df.columns:
             raise FeatureStoreError(f"entity_df needs an '{TIMESTAMP}' column for point-in-time retrieval.")
-        return self.store.get_historical_features(entity_df=entity_df, features=features).to_df()
-
-    @staticmethod
-    def _check_view(view: str) -> None:
-        if view not in VIEWS:
-            raise FeatureStoreError(f"Unknown feature view '{view}'; known views: {', '.join(VIEWS)}.")
+        refs_by_view: dict[str, list[str]] = {}
+        for ref in features:
+            view, _, name = ref.partition(":")
+            _check_view(view)
+            if not name:
+                raise FeatureStoreError(f"Feature reference {ref!r} must read '<view>:<feature>'.")
+            refs_by_view.setdefault(view, []).append(ref)
+        names = [ref.replace(":", "__") if full_feature_names else ref.partition(":")[2] for ref in features]
+        if len(set(names)) < len(names):
+            raise FeatureStoreError("Two requested features share a name; pass full_feature_names=True.")
+        frame = entity_df.reset_index(drop=True)
+        when = pd.to_datetime(frame[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
+        columns = [frame]
+        # Feast's dask store drops an entity row whose only matches are later than its timestamp,
+        # and collapses rows sharing (key, timestamp) (feast-dev/feast#6787), which also takes the
+        # row's values from every other view of the same call. So each view is asked separately,
+        # for distinct (key, timestamp) pairs, and its answer joined back onto every input row.
+        for view, refs in refs_by_view.items():
+            key = ENTITY_KEY[view]
+            if key not in frame.columns:
+                raise FeatureStoreError(f"entity_df needs a '{key}' column for the features of '{view}'.")
+            request = pd.DataFrame({key: frame[key], TIMESTAMP: when})
+            answer = self.store.get_historical_features(
+                entity_df=request.drop_duplicates(ignore_index=True), features=refs,
+                full_feature_names=full_feature_names,
+            ).to_df()
+            answer[TIMESTAMP] = pd.to_datetime(answer[TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
+            joined = request.merge(answer, on=[key, TIMESTAMP], how="left", validate="many_to_one")
+            values = joined.drop(columns=[key, TIMESTAMP])
+            objects = values.select_dtypes(object).columns  # strings and arrays: None, not NaN, when missing
+            values[objects] = values[objects].astype(object).where(values[objects].notna(), None)
+            columns.append(values)
+        return pd.concat(columns, axis=1)[[*frame.columns, *names]]
