@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
@@ -62,7 +63,7 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
 # Every column of a view's DataFrames, in order: what push_online and the offline writes take.
 VIEW_COLUMNS: dict[str, list[str]] = {view: schema.names for view, schema in VIEW_SCHEMAS.items()}
 
-_FEAST_TYPES = {
+_FEAST_TYPES: dict[pa.DataType, Any] = {
     pa.string(): String, pa.int64(): Int64, pa.float32(): Float32,
     pa.list_(pa.string()): Array(String), pa.list_(pa.int64()): Array(Int64), pa.list_(pa.float32()): Array(Float32),
 }
@@ -81,7 +82,7 @@ def feature_objects(offline_dir: Path) -> list:
                   description="A recommendable item")
     entity = {USER_HISTORY: user, ITEM_STATS: item, ITEM_METADATA: item, ITEM_SID: item}
     objects: list = [user, item]
-    views = []
+    views: list = []
     for name in VIEWS:
         source = FileSource(name=f"{name}_source", path=str(offline_dir / name), timestamp_field=TIMESTAMP)
         push = PushSource(name=f"{name}_push", batch_source=source)
