@@ -27,7 +27,8 @@ from tokenizer.text_encoder import TextEncoder
 Progress = Callable[[str], None]
 
 
-def _years(published_at: Sequence[Any]) -> list[float | None]:
+def release_years(published_at: Sequence[Any]) -> list[float | None]:
+    """Years of unix-second publication times; None where unknown."""
     years: list[float | None] = []
     for value in published_at:
         if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
@@ -49,7 +50,7 @@ def catalogue_content(catalogue: pd.DataFrame, pairs: Sequence[tuple[str, str, i
         blocks["text"] = text_features(list(catalogue["title"]), [None] * len(ids), encoder)
     if "metadata" in modalities:
         blocks["metadata"] = metadata_features([list(t) if t is not None else [] for t in catalogue["tags"]],
-                                               _years(list(catalogue["published_at"])), vocabulary)
+                                               release_years(list(catalogue["published_at"])), vocabulary)
     if "collaborative" in modalities:
         if with_collaborative:
             blocks["collaborative"] = collaborative_features(ids, pairs, collaborative_dim)
@@ -62,7 +63,7 @@ def fit(root: Path, catalogue: pd.DataFrame, pairs: Sequence[tuple[str, str, int
         settings: TokenizeSettings, say: Progress = print) -> tuple[SIDTable, int | None]:
     """Train a new RQ-VAE, write SID version N+1; returns it and how many items' SIDs changed vs N."""
     vocabulary = MetadataVocabulary.fit([list(t) if t is not None else [] for t in catalogue["tags"]],
-                                        _years(list(catalogue["published_at"])), settings.max_tags)
+                                        release_years(list(catalogue["published_at"])), settings.max_tags)
     content = catalogue_content(catalogue, pairs, encoder, settings.modalities, vocabulary, settings.collaborative_dim)
     say(f"tokenize: {len(content.item_ids):,} items, modalities "
         + ", ".join(f"{n} ({int(content.presence[:, k].sum()):,} items, {d} dims)"

@@ -28,7 +28,7 @@ from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from tokenizer.config import TokenizeSettings
 from tokenizer.content import MetadataVocabulary
-from tokenizer.jobs import _years, catalogue_content
+from tokenizer.jobs import release_years, catalogue_content
 from tokenizer.rqvae import RQVAEConfig
 from tokenizer.rqvae_train import assign_codes, train
 from tokenizer.sid_table import collision_metrics
@@ -93,7 +93,7 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
     strong = [(a, b, n) for a, b, n in pairs if n >= 2]
     click.echo(f"bench sid: {name}: {len(catalogue):,} items, {len(pairs):,} co-occurring pairs, {len(strong):,} "
                f"seen at least twice ({time.monotonic() - started:.0f} s)")
-    vocabulary = MetadataVocabulary.fit([list(t) for t in catalogue["tags"]], _years(list(catalogue["published_at"])),
+    vocabulary = MetadataVocabulary.fit([list(t) for t in catalogue["tags"]], release_years(list(catalogue["published_at"])),
                                         settings.max_tags)
     rows = []
     for label, modalities, flags in ROWS:
