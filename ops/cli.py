@@ -13,22 +13,24 @@ import click
 from ops.config import PlumConfig, load_config
 from ops.errors import PlumError
 
-# Exceptions that components raise for a user's (or an environment's) problem, not a bug.
-_USER_ERRORS: tuple[type[BaseException], ...] = (PlumError,)
+# Exceptions that components raise for a user's (or an environment's) problem, not a bug, by
+# module. An exception's class is loaded whenever one is raised, so only modules already imported
+# are looked at: reporting a mistake never pays for importing Beam, Feast or JAX.
+_USER_ERRORS = {
+    "ops.errors": ("PlumError",),
+    "features.errors": ("FeatureStoreError",),
+    "ingest.kafka_clients": ("KafkaUnavailableError",),
+    "ingest.pipeline": ("IncompleteRunError", "PipelineBusyError", "TopicMissingError"),
+    "ingest.producer": ("DeliveryError",),
+    "tokenizer.content": ("ContentError",),
+    "tokenizer.sid_table": ("SIDTableError",),
+    "tokenizer.text_encoder": ("TextEncoderError",),
+}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from features.errors import FeatureStoreError
-    from ingest.kafka_clients import KafkaUnavailableError
-    from ingest.pipeline import IncompleteRunError, PipelineBusyError, TopicMissingError
-    from ingest.producer import DeliveryError
-
-    from tokenizer.content import ContentError
-    from tokenizer.sid_table import SIDTableError
-    from tokenizer.text_encoder import TextEncoderError
-
-    return (PlumError, KafkaUnavailableError, TopicMissingError, IncompleteRunError, PipelineBusyError,
-            DeliveryError, FeatureStoreError, ContentError, SIDTableError, TextEncoderError)
+def _is_user_error(exc: BaseException) -> bool:
+    return any(isinstance(exc, getattr(sys.modules[module], name))
+               for module, names in _USER_ERRORS.items() if module in sys.modules for name in names)
 
 
 class PlumGroup(click.Group):
@@ -40,7 +42,7 @@ class PlumGroup(click.Group):
         except click.exceptions.Exit:
             raise
         except Exception as exc:
-            if isinstance(exc, _user_errors()):
+            if _is_user_error(exc):
                 click.echo(f"error: {exc}", err=True)
                 ctx.exit(getattr(exc, "exit_code", 2))
             raise
