@@ -28,7 +28,7 @@ def parse_duration(text: str) -> float:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-def _catalogue(cfg: PlumConfig, store: FeatureStoreClient) -> pd.DataFrame:
+def _catalogue(store: FeatureStoreClient) -> pd.DataFrame:
     catalogue = store.latest_offline("item_metadata")
     if catalogue.empty:
         raise PlumError("The catalogue is empty: no item metadata has reached Feast yet; replay items and run "
@@ -77,7 +77,7 @@ def fit(cfg: PlumConfig) -> None:
 
     started = time.monotonic()
     store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
-    catalogue = _catalogue(cfg, store)
+    catalogue = _catalogue(store)
     pairs = _pairs(cfg)
     click.echo(f"tokenize: fitting on {len(catalogue):,} items and {len(pairs):,} co-occurring pairs")
     table, changed = jobs.fit(cfg.paths.sid_dir, catalogue, pairs, _encoder(cfg), cfg.tokenizer, say=click.echo)
@@ -101,7 +101,7 @@ def assign(cfg: PlumConfig, every: str | None = None) -> None:
     store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
     encoder = _encoder(cfg)
     while True:
-        added = jobs.assign(cfg.paths.sid_dir, _catalogue(cfg, store), encoder, say=click.echo)
+        added = jobs.assign(cfg.paths.sid_dir, _catalogue(store), encoder, say=click.echo)
         if added:
             push_sids(store, load_table(cfg.paths.sid_dir), added)
         if interval is None:

@@ -83,8 +83,8 @@ def fit(root: Path, catalogue: pd.DataFrame, pairs: Sequence[tuple[str, str, int
     existing = versions(root)
     parent = existing[-1] if existing else None
     table = new_table((parent or 0) + 1, list(content.item_ids), codes, cfg.codebook_sizes, parent_version=parent,
-                      config={"rqvae": _jsonable(asdict(cfg)), "settings": settings.model_dump(mode="json"),
-                              "metadata_vocabulary": _jsonable(asdict(vocabulary))})
+                      config={"rqvae": asdict(cfg), "settings": settings.model_dump(mode="json"),
+                              "metadata_vocabulary": asdict(vocabulary)})
     table.metrics["training"] = {k: float(v) for k, v in (history[-1] if history else {}).items()
                                  if np.ndim(v) == 0}
     changed = None
@@ -120,14 +120,6 @@ def assign(root: Path, catalogue: pd.DataFrame, encoder: TextEncoder | None, say
     say(f"tokenize: gave {len(added):,} new items SIDs in version {table.version} "
         f"(uniqueness before suffix now {table.metrics['uniqueness_before_suffix']:.3f})")
     return added
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _config_from_json(data: dict[str, Any]) -> dict[str, Any]:

@@ -33,9 +33,9 @@ from features import FeatureStoreClient
 from ingest.datasets import to_events, to_item_upserts
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.kafka_clients import make_consumer
+from ingest.pipeline import counters
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
-from ingest.state_store import PipelineStateStore
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.broker import EmbeddedBroker, stop_process
 from ops.config import PlumConfig
@@ -76,11 +76,7 @@ def raw_consume_rate(cfg: PlumConfig, expected: int) -> float:
 
 
 def _applied(cfg: PlumConfig) -> int:
-    store = PipelineStateStore(cfg.paths.pipeline_state_db)
-    try:
-        return store.counters().get("events_applied", 0)
-    finally:
-        store.close()
+    return counters(cfg.paths.pipeline_state_db).get("events_applied", 0)
 
 
 class OnlineObserver(threading.Thread):

@@ -18,6 +18,7 @@ from kafka import TopicPartition
 from features import FeatureStoreClient
 from ingest.events import EngagementEvent
 from ingest.kafka_clients import ensure_topics, make_consumer
+from ingest.pipeline import counters
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
 from ingest.state_store import PipelineStateStore
@@ -169,11 +170,7 @@ def _pipeline_process(cfg: PlumConfig, log: Path) -> subprocess.Popen:
 def _applied(cfg: PlumConfig) -> int:
     if not cfg.paths.pipeline_state_db.exists():
         return 0
-    store = PipelineStateStore(cfg.paths.pipeline_state_db)
-    try:
-        return store.counters().get("events_applied", 0)
-    finally:
-        store.close()
+    return counters(cfg.paths.pipeline_state_db).get("events_applied", 0)
 
 
 def test_kill_9_mid_stream_then_restart_holds_every_event_exactly_once(plum_config, tmp_path):
