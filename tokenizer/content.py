@@ -140,7 +140,8 @@ def build_content(item_ids: Sequence[str], blocks: dict[str, tuple[np.ndarray, n
             bad = int((~np.isfinite(values)).any(axis=1).sum())
             raise ContentError(f"The {name} features of {bad} items are NaN or infinite; fix their inputs first.")
     # Each block is scaled to unit norm per item: otherwise the modality with the largest values
-    # dominates the reconstruction loss (on Beauty, fused SIDs fell to 27% uniqueness without it).
+    # dominates the reconstruction loss (without it `plum bench sid` gave Beauty fused SIDs 0.272
+    # uniqueness, three-level default).
     parts = []
     for name in names:
         values = blocks[name][0].astype(np.float32)

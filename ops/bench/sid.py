@@ -151,6 +151,6 @@ def readme_table(report: dict[str, Any]) -> str:
                          + f" | {row['cooccurring_pairs_sharing_first_code']:.3f} / "
                            f"{row['random_pairs_sharing_first_code']:.3f} | (generative-retrieval issue) |")
     lines.append(f"\nMeasured {report['machine']['measured_at']} (commit {report['machine']['commit']}) with "
-                 f"`{report['command']}`; codebooks {report['settings']['rqvae'] or 'default 256/128/64'}; "
-                 "raw figures in ops/bench/results/sid.json.")
+                 f"`{report['command']}`; each row's codebook sizes and flags are in "
+                 "ops/bench/results/sid.json.")
     return "\n".join(lines) + "\n"
