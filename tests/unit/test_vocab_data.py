@@ -1,0 +1,136 @@
+"""The vocabulary layout and the documents/examples built from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.data import (
+    Catalogue, UserSequences, behaviour_document, cpt_batches, left_pad, metadata_documents, pack_batch,
+    retrieval_example, sft_batches, sft_positions,
+)
+from trainer.vocab import BOS, EOS, HIST, NEXT, PAD, SPECIALS, UNK, FeatureSpec, VocabLayout
+
+pytestmark = pytest.mark.unit
+
+
+def _layout(**kw) -> VocabLayout:
+    return VocabLayout(codebook_sizes=(4, 3), suffix_size=2, text_ids=(500, 17, 9000), **kw)
+
+
+def test_sections_are_disjoint_and_cover_the_vocabulary():
+    layout = _layout(features=(FeatureSpec("surface", "categorical", ("home", "search")),
+                               FeatureSpec("hour", "numeric", edges=(6.0, 12.0, 18.0))))
+    ids = [*range(len(SPECIALS))]
+    for offset, width in zip(layout.sid_offsets, layout.sid_widths):
+        ids += range(offset, offset + width)
+    ids += range(layout.reward_offset, layout.reward_offset + layout.reward_buckets)
+    ids += range(layout.text_offset, layout.text_offset + len(layout.text_ids))
+    for spec, offset in zip(layout.features, layout.feature_offsets):
+        ids += range(offset, offset + spec.size)
+    assert sorted(ids) == list(range(layout.size))
+
+
+def test_sid_tokens_and_their_range_checks():
+    layout = _layout()
+    assert layout.sid_tokens((3, 0, 1)) == [layout.sid_offsets[0] + 3, layout.sid_offsets[1], layout.sid_offsets[2] + 1]
+    with pytest.raises(ValueError, match="does not fit"):
+        layout.sid_tokens((4, 0, 0))
+    with pytest.raises(ValueError, match="positions"):
+        layout.sid_tokens((1, 1))
+
+
+def test_rewards_features_and_text_map_to_their_sections():
+    layout = _layout(features=(FeatureSpec("surface", "categorical", ("home", "search")),
+                               FeatureSpec("hour", "numeric", edges=(6.0, 12.0, 18.0))))
+    assert layout.reward_token(0.0) == layout.reward_offset
+    assert layout.reward_token(1.0) == layout.reward_offset + layout.reward_buckets - 1
+    assert layout.reward_token(0.5) == layout.reward_offset + 2
+    surface, hour = layout.feature_offsets
+    assert layout.feature_tokens({"surface": "search", "hour": 13}) == [surface + 2, hour + 2]
+    assert layout.feature_tokens({"surface": "tv"}) == [surface, hour]  # unknown value, missing value
+    assert layout.text_tokens([17, 4242, 9000]) == [layout.text_offset + 1, UNK, layout.text_offset + 2]
+
+
+def test_adding_a_feature_keeps_every_existing_token_id():
+    old = _layout(features=(FeatureSpec("surface", "categorical", ("home",)),))
+    new = old.with_features([FeatureSpec("device", "categorical", ("tv", "phone"))])
+    assert new.size == old.size + 3
+    assert new.sid_offsets == old.sid_offsets and new.text_offset == old.text_offset
+    assert new.feature_offsets[0] == old.feature_offsets[0]
+
+
+def test_layout_round_trips_through_the_manifest():
+    layout = _layout(features=(FeatureSpec("hour", "numeric", edges=(6.0, 12.0)),))
+    again = VocabLayout.from_json(layout.to_json())
+    assert again == layout and again.size == layout.size
+    assert again.text_tokens([9000]) == layout.text_tokens([9000])
+    broken = {**layout.to_json(), "specials": ["<pad>"]}
+    with pytest.raises(ValueError, match="special tokens"):
+        VocabLayout.from_json(broken)
+
+
+def _catalogue(layout: VocabLayout) -> Catalogue:
+    sids = np.array([layout.sid_tokens(s) for s in [(0, 0, 0), (1, 2, 0), (1, 2, 1), (3, 1, 0)]], np.int32)
+    return Catalogue(sids, ((layout.text_offset,), (), (layout.text_offset + 1, layout.text_offset + 2), ()))
+
+
+def test_retrieval_example_weighs_only_the_target_sid():
+    layout = _layout()
+    cat = _catalogue(layout)
+    tokens, weights = retrieval_example(layout, cat, [0, 3], [1.0, 0.2], target=2)
+    depth = layout.sid_depth
+    assert tokens[0] == BOS and tokens[1] == HIST
+    assert tokens[-depth - 1] == NEXT and tokens[-depth:] == cat.item_sids[2].tolist()
+    predicted = [tokens[t + 1] for t, w in enumerate(weights) if w]
+    assert predicted == cat.item_sids[2].tolist()
+
+
+def test_cpt_documents_predict_every_next_token():
+    layout = _layout()
+    cat = _catalogue(layout)
+    tokens, weights = behaviour_document(layout, cat, [0, 1], [1.0, 1.0])
+    assert tokens[-1] == EOS and sum(weights) == len(tokens) - 1 and weights[-1] == 0
+    docs = metadata_documents(layout, cat, 2)
+    assert len(docs) == 2 and all(cat.item_sids[2][0] in d for d, _ in docs)
+    assert metadata_documents(layout, cat, 1) == []  # no title, no document
+
+
+def test_batches_are_padded_to_buckets_and_fixed_size():
+    batch = pack_batch([([1, 2, 3], [1, 1, 0]), ([4], [0])], buckets=(8, 16), batch_size=4)
+    assert batch["tokens"].shape == (4, 8)
+    assert batch["mask"].sum() == 4 and (batch["tokens"][~batch["mask"]] == PAD).all()
+    assert batch["weights"][2:].sum() == 0
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        pack_batch([(list(range(20)), [0] * 20)], buckets=(8, 16))
+
+
+def test_left_pad_aligns_prompts_at_the_end():
+    tokens, mask = left_pad([[5, 6, 7], [8]])
+    assert tokens.tolist() == [[5, 6, 7], [PAD, PAD, 8]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_sft_sampling_follows_reward():
+    layout = _layout()
+    cat = _catalogue(layout)
+    seqs = UserSequences((np.array([0, 1, 2]), np.array([3, 0])), (np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0])))
+    targets, rewards = sft_positions(seqs)
+    assert targets.tolist() == [[0, 1], [0, 2], [1, 1]] and rewards.tolist() == [1.0, 0.0, 1.0]
+    batch = next(sft_batches(layout, cat, seqs, batch_size=64, max_history=5, buckets=(32,),
+                             rng=np.random.default_rng(0)))
+    drawn = set()
+    for tokens, weights in zip(batch["tokens"], batch["weights"]):
+        target = tuple(tokens[np.flatnonzero(weights) + 1].tolist())
+        drawn.add(next(i for i, sid in enumerate(cat.item_sids.tolist()) if tuple(sid) == target))
+    assert drawn == {1, 0}  # item 2's reward is zero: never drawn
+
+
+def test_cpt_mixture_holds_both_kinds_of_documents():
+    layout = _layout()
+    cat = _catalogue(layout)
+    seqs = UserSequences((np.array([0, 1, 2, 3]),), (np.ones(4),))
+    batch = next(cpt_batches(layout, cat, seqs, batch_size=200, max_history=3, buckets=(32,),
+                             rng=np.random.default_rng(0)))
+    behaviour = (batch["tokens"][:, 1] == HIST).mean()
+    assert 0.4 < behaviour < 0.6

@@ -1,0 +1,189 @@
+"""Training documents and examples as token ids (host side, numpy), shared by CPT and SFT.
+
+- Behaviour document (CPT): `<bos> [ctx] <hist> SID(i1) r1 SID(i2) r2 ... <eos>`, every token a
+  next-token target.
+- Metadata documents (CPT), both directions: `<bos> <item> SID <title> text <eos>` and
+  `<bos> <title> text <sid> SID <eos>`.
+- Retrieval example (SFT, evaluation, serving): prompt `<bos> [ctx] <hist> SID(h1) r1 ... <next>`,
+  target the next item's SID; only the target's SID tokens carry loss.
+
+Items are dense indices into `item_sids` (one row of SID token ids per item). Batches are padded to
+a few fixed lengths (`bucket_length`) so the jitted step compiles once per bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from trainer.vocab import BOS, CTX, EOS, HIST, ITEM, NEXT, PAD, SID, TITLE, VocabLayout
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Per item (dense index): SID token ids [n_items, sid_depth] and title tokens in layout space."""
+
+    item_sids: np.ndarray
+    titles: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if self.item_sids.ndim != 2 or len(self.item_sids) != len(self.titles):
+            raise ValueError("item_sids must be [n_items, sid_depth] with one title per item")
+
+
+def history_tokens(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
+                   context: Mapping[str, object] | None = None) -> list[int]:
+    """`<bos> [<ctx> features] <hist> SID r SID r ...` for a history (oldest first)."""
+    tokens = [BOS]
+    if layout.features:
+        tokens += [CTX, *layout.feature_tokens(context or {})]
+    tokens.append(HIST)
+    for item, reward in zip(items, rewards):
+        tokens += [*catalogue.item_sids[item].tolist(), layout.reward_token(reward)]
+    return tokens
+
+
+def retrieval_prompt(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
+                     context: Mapping[str, object] | None = None) -> list[int]:
+    """The SFT / serving prompt: the history followed by `<next>`; the model then writes a SID."""
+    return [*history_tokens(layout, catalogue, items, rewards, context), NEXT]
+
+
+def retrieval_example(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
+                      target: int, context: Mapping[str, object] | None = None) -> tuple[list[int], list[float]]:
+    """Prompt + target SID, and per-token loss weights (1 on the target's SID tokens only).
+
+    Weights align with the tokens they predict: weight[t] is the loss of predicting tokens[t + 1]
+    from tokens[:t + 1], as in `next_token_batch`.
+    """
+    prompt = retrieval_prompt(layout, catalogue, items, rewards, context)
+    target_tokens = catalogue.item_sids[target].tolist()
+    tokens = prompt + target_tokens
+    weights = [0.0] * len(tokens)
+    for t in range(len(prompt) - 1, len(tokens) - 1):
+        weights[t] = 1.0
+    return tokens, weights
+
+
+def behaviour_document(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
+                       context: Mapping[str, object] | None = None) -> tuple[list[int], list[float]]:
+    """A user's sequence for CPT, every next token a target (the last position predicts nothing)."""
+    tokens = [*history_tokens(layout, catalogue, items, rewards, context), EOS]
+    return tokens, [1.0] * (len(tokens) - 1) + [0.0]
+
+
+def metadata_documents(layout: VocabLayout, catalogue: Catalogue, item: int) -> list[tuple[list[int], list[float]]]:
+    """The item's SID next to its title, in both directions (none for an item without a title)."""
+    title = list(catalogue.titles[item])
+    if not title:
+        return []
+    sid = catalogue.item_sids[item].tolist()
+    docs = [[BOS, ITEM, *sid, TITLE, *title, EOS], [BOS, TITLE, *title, SID, *sid, EOS]]
+    return [(doc, [1.0] * (len(doc) - 1) + [0.0]) for doc in docs]
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds n tokens."""
+    for size in buckets:
+        if n <= size:
+            return size
+    raise ValueError(f"a sequence of {n} tokens is longer than the largest bucket {max(buckets)}")
+
+
+def pack_batch(examples: Sequence[tuple[Sequence[int], Sequence[float]]], buckets: Sequence[int],
+               batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded tokens [B, T], mask [B, T], weights [B, T] (loss on predicting token t+1 at t).
+
+    Missing rows up to batch_size are all padding with zero weight, so a batch shape never changes.
+    """
+    rows = batch_size or len(examples)
+    if len(examples) > rows:
+        raise ValueError(f"{len(examples)} examples do not fit a batch of {rows}")
+    length = bucket_length(max(len(t) for t, _ in examples), buckets)
+    tokens = np.full((rows, length), PAD, np.int32)
+    mask = np.zeros((rows, length), bool)
+    weights = np.zeros((rows, length), np.float32)
+    for r, (toks, w) in enumerate(examples):
+        tokens[r, :len(toks)] = toks
+        mask[r, :len(toks)] = True
+        weights[r, :len(w)] = w
+    return {"tokens": tokens, "mask": mask, "weights": weights}
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts left-padded to one length (all end at the same slot, as decoding expects)."""
+    length = length or max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), length), PAD, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for r, prompt in enumerate(prompts):
+        if len(prompt) > length:
+            prompt = prompt[-length:]
+        tokens[r, length - len(prompt):] = prompt
+        mask[r, length - len(prompt):] = True
+    return tokens, mask
+
+
+@dataclass(frozen=True)
+class UserSequences:
+    """Training sequences per user: item indices and rewards in time order."""
+
+    items: tuple[np.ndarray, ...]
+    rewards: tuple[np.ndarray, ...]
+
+
+def sft_positions(sequences: UserSequences) -> tuple[np.ndarray, np.ndarray]:
+    """Every (user, position >= 1) that can be a target, and its reward (the sampling weight)."""
+    users, positions, rewards = [], [], []
+    for u, (items, r) in enumerate(zip(sequences.items, sequences.rewards)):
+        if len(items) > 1:
+            users.append(np.full(len(items) - 1, u))
+            positions.append(np.arange(1, len(items)))
+            rewards.append(np.asarray(r[1:], np.float64))
+    if not users:
+        raise ValueError("no user has two or more training items: nothing to learn from")
+    return np.stack([np.concatenate(users), np.concatenate(positions)], 1), np.concatenate(rewards)
+
+
+def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: UserSequences, batch_size: int,
+                max_history: int, buckets: Sequence[int], rng: np.random.Generator,
+                context: Sequence[Mapping[str, object]] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Endless SFT batches; targets drawn in proportion to reward, each drawn example weighted equally."""
+    targets, rewards = sft_positions(sequences)
+    if not (rewards > 0).any():
+        raise ValueError("every training reward is zero: reward sampling has nothing to draw")
+    p = np.clip(rewards, 0, None) / np.clip(rewards, 0, None).sum()
+    while True:
+        chosen = targets[rng.choice(len(targets), size=batch_size, p=p)]
+        examples = []
+        for u, pos in chosen:
+            start = max(0, pos - max_history)
+            examples.append(retrieval_example(layout, catalogue, sequences.items[u][start:pos],
+                                              sequences.rewards[u][start:pos], int(sequences.items[u][pos]),
+                                              None if context is None else context[u]))
+        yield pack_batch(examples, buckets, batch_size)
+
+
+def cpt_batches(layout: VocabLayout, catalogue: Catalogue, sequences: UserSequences, batch_size: int,
+                max_history: int, buckets: Sequence[int], rng: np.random.Generator,
+                behaviour_share: float = 0.5) -> Iterator[dict[str, np.ndarray]]:
+    """Endless CPT batches: `behaviour_share` of rows are windows of user sequences (at most
+    max_history items), the rest item metadata documents; the paper's mixture is 50/50."""
+    users = [u for u, items in enumerate(sequences.items) if len(items)]
+    titled = [i for i in range(len(catalogue.titles)) if catalogue.titles[i]]
+    if not users:
+        raise ValueError("no user sequences to continue pre-training on")
+    while True:
+        examples = []
+        for _ in range(batch_size):
+            if not titled or rng.random() < behaviour_share:
+                u = users[rng.integers(len(users))]
+                items, rewards = sequences.items[u], sequences.rewards[u]
+                start = int(rng.integers(max(1, len(items) - max_history + 1)))
+                examples.append(behaviour_document(layout, catalogue, items[start:start + max_history],
+                                                   rewards[start:start + max_history]))
+            else:
+                docs = metadata_documents(layout, catalogue, titled[rng.integers(len(titled))])
+                examples.append(docs[rng.integers(len(docs))])
+        yield pack_batch(examples, buckets, batch_size)
