@@ -1,0 +1,112 @@
+"""The shared CPT/SFT train step, the mesh, and model checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from trainer.checkpoint import CheckpointError, load_model, read_manifest, save_model
+from trainer.model import DECODER_SIZES, Decoder
+from trainer.train import OptimConfig, TrainLoop, next_token_loss, param_spec
+
+pytestmark = pytest.mark.unit
+
+TINY = DECODER_SIZES["tiny"]
+
+
+def _batch(seed: int = 0, rows: int = 8, length: int = 12) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, TINY.vocab_size, (rows, length)).astype(np.int32)
+    mask = np.ones((rows, length), bool)
+    mask[:, -3:] = False  # right padding
+    weights = np.zeros((rows, length), np.float32)
+    weights[:, 2:length - 4] = 1.0
+    return {"tokens": tokens, "mask": mask, "weights": weights}
+
+
+def test_next_token_loss_counts_only_weighted_positions():
+    logits = jnp.zeros((1, 3, 4)).at[0, 0, 2].set(10.0)  # position 0 is confident in token 2
+    tokens = jnp.array([[0, 2, 1]])
+    only_first = next_token_loss(logits, tokens, jnp.array([[1.0, 0.0, 0.0]]))[0]
+    only_second = next_token_loss(logits, tokens, jnp.array([[0.0, 1.0, 0.0]]))[0]
+    assert float(only_first) < 1e-3
+    assert float(only_second) == pytest.approx(np.log(4), rel=1e-5)
+
+
+def test_training_reduces_loss_on_a_fixed_batch():
+    loop = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=60))
+    batch = _batch()
+    first = loop.step(batch)["loss"]
+    for _ in range(59):
+        last = loop.step(batch)["loss"]
+    assert last < 0.5 * first
+
+
+def test_param_spec_splits_the_largest_divisible_dimension():
+    assert param_spec((64, 32), 2) == jax_spec("fsdp", None)
+    assert param_spec((3, 32), 2) == jax_spec(None, "fsdp")
+    assert param_spec((3,), 2) == jax_spec()
+    assert param_spec((64, 32), 1) == jax_spec()
+
+
+def jax_spec(*axes):
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec(*axes)
+
+
+def test_sharded_step_matches_a_single_device(tmp_path):
+    """Two forced host devices, data- and fsdp-sharded, give the single-device losses and params."""
+    script = textwrap.dedent("""
+        import json, sys
+        import jax, numpy as np
+        from flax import nnx
+        from trainer.model import DECODER_SIZES, Decoder
+        from trainer.train import OptimConfig, TrainLoop, make_mesh
+        sys.path.insert(0, "tests/unit")
+        from test_train_step import _batch
+        out = {"devices": len(jax.devices())}
+        for name, (data, fsdp) in {"single": (1, 1), "data": (2, 1), "fsdp": (1, 2)}.items():
+            mesh = make_mesh(data, fsdp, jax.devices()[:data * fsdp])
+            loop = TrainLoop(Decoder(DECODER_SIZES["tiny"], nnx.Rngs(0)), OptimConfig(warmup_steps=0, total_steps=3), mesh)
+            losses = [loop.step(_batch(seed))["loss"] for seed in range(3)]
+            params = jax.tree.leaves(nnx.state(loop.model(), nnx.Param))
+            out[name] = {"losses": losses, "checksum": float(sum(np.abs(np.asarray(p)).sum() for p in params))}
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    for name in ("data", "fsdp"):
+        np.testing.assert_allclose(out[name]["losses"], out["single"]["losses"], rtol=1e-5)
+        assert out[name]["checksum"] == pytest.approx(out["single"]["checksum"], rel=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model = Decoder(TINY.replace(vocab_size=80), nnx.Rngs(3))
+    path = save_model(tmp_path / "ckpt", model, {"sid_version": 7, "vocabulary": {"size": 80}})
+    restored, manifest = load_model(path)
+    batch = _batch()
+    tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
+    np.testing.assert_array_equal(np.asarray(model(tokens, mask)[0]), np.asarray(restored(tokens, mask)[0]))
+    assert manifest["sid_version"] == 7 and manifest["model_config"]["vocab_size"] == 80
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_model(path, model, {})
+
+
+def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        read_manifest(tmp_path / "half")

@@ -1,0 +1,164 @@
+"""The one train step of CPT and SFT, the optimizer, and the device mesh.
+
+The step is a pure function `(state, batch) -> (state, metrics)` over the split NNX state of
+(model, optimizer), jitted in exactly one place (`TrainLoop`) with the state donated. CPT and SFT
+differ only in their batches: `weights` says which next-token predictions carry loss.
+
+Sharding: a `jax.sharding.Mesh` with axes ("data", "fsdp"). Batches are split over both axes;
+every parameter (and its optimizer moments) is split over "fsdp" along its largest dimension that
+divides evenly, otherwise replicated. On one device both axes have size 1 and nothing changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay, gradient clipping."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    end_lr_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0 or self.total_steps < 1 or self.warmup_steps < 0:
+            raise ValueError("learning_rate must be positive, total_steps >= 1 and warmup_steps >= 0")
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(warmup, 1), max(cfg.total_steps, warmup + 1),
+        cfg.learning_rate * cfg.end_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted mean NLL of tokens[:, 1:] given logits[:, :-1]; returns (loss, total weight).
+
+    logits: [B, T, V]; tokens, weights: [B, T] (weights[t] weighs the prediction of tokens[t+1]).
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    w = weights[:, :-1]
+    total = w.sum()
+    return (nll * w).sum() / jnp.maximum(total, 1.0), total
+
+
+def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token loss on the weighted positions plus the model's auxiliary (MoE balance) loss."""
+    logits, aux = model(batch["tokens"], batch["mask"])
+    nll, total = next_token_loss(logits, batch["tokens"], batch["weights"])
+    return nll + aux, {"loss": nll, "aux_loss": aux, "target_tokens": total}
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
+               ) -> tuple[nnx.State, dict[str, jax.Array]]:
+    """One optimizer step on (model, optimizer) state; pure, so it jits and shards cleanly."""
+    model, optimizer = nnx.merge(graphdef, state)
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    optimizer.update(model, grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return nnx.state((model, optimizer)), metrics
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list[Any] | None = None) -> Mesh:
+    """A ("data", "fsdp") mesh; data=-1 takes every device not used by fsdp."""
+    devices = devices if devices is not None else jax.devices()
+    if data == -1:
+        if len(devices) % fsdp:
+            raise ValueError(f"{len(devices)} devices cannot be split into fsdp groups of {fsdp}")
+        data = len(devices) // fsdp
+    if data * fsdp > len(devices):
+        raise ValueError(f"a {data}x{fsdp} mesh needs {data * fsdp} devices; {len(devices)} are available")
+    return Mesh(np.array(devices[:data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Split the largest evenly divisible dimension over "fsdp"; replicate what does not divide."""
+    if fsdp > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
+                spec = [None] * len(shape)
+                spec[dim] = "fsdp"
+                return P(*spec)
+    return P()
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), fsdp)), state)
+
+
+class TrainLoop:
+    """Owns the jitted step, the sharded state and progress output for one model and optimizer."""
+
+    def __init__(self, model: nnx.Module, optim: OptimConfig, mesh: Mesh | None = None) -> None:
+        self.mesh = mesh or make_mesh()
+        optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.state_sharding = state_shardings(state, self.mesh)
+        self.state = jax.device_put(state, self.state_sharding)
+        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+        self._step = jax.jit(train_step, static_argnums=0, donate_argnums=1,
+                             out_shardings=(self.state_sharding, None))
+        self.step_count = 0
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.size
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        rows = len(batch["tokens"])
+        if rows % self.mesh.size:
+            raise ValueError(f"batch of {rows} rows does not split over {self.mesh.size} devices")
+        batch = {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+        self.state, metrics = self._step(self.graphdef, self.state, batch)
+        self.step_count += 1
+        return {k: float(v) for k, v in metrics.items()}
+
+    def model(self) -> nnx.Module:
+        """The current model (a view on the trained state)."""
+        model, _ = nnx.merge(self.graphdef, self.state)
+        return model
+
+    def run(self, batches: Iterator[dict[str, np.ndarray]], steps: int, say: Progress | None = None,
+            label: str = "train", report_every: int | None = None) -> list[dict[str, float]]:
+        """`steps` steps with a progress line (step, loss, tokens/s, ETA) every `report_every`."""
+        report_every = report_every or max(1, steps // 20)
+        history: list[dict[str, float]] = []
+        started = time.monotonic()
+        tokens = 0
+        window: list[float] = []
+        for i in range(1, steps + 1):
+            batch = next(batches)
+            tokens += int(batch["mask"].sum())
+            metrics = self.step(batch)
+            window.append(metrics["loss"])
+            if i % report_every == 0 or i == steps:
+                elapsed = time.monotonic() - started
+                row = {"step": self.step_count, "loss": float(np.mean(window)), "tokens_per_s": tokens / elapsed,
+                       "elapsed_s": elapsed}
+                history.append(row)
+                window = []
+                if say is not None:
+                    eta = elapsed / i * (steps - i)
+                    say(f"{label}: step {i}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']:,.0f} tokens/s "
+                        f"ETA {eta:.0f} s")
+        return history
