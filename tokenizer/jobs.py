@@ -19,7 +19,7 @@ from tokenizer.content import (
     ContentError, ItemContent, MetadataVocabulary, build_content, collaborative_features,
     metadata_features, text_features,
 )
-from tokenizer.rqvae import RQVAEConfig
+from tokenizer.rqvae import RQVAEConfig, default_codebook_sizes
 from tokenizer.rqvae_train import assign_codes, model_params, restore_model, train
 from tokenizer.sid_table import SIDTable, load_params, load_table, new_table, save_table, update_items, versions
 from tokenizer.text_encoder import TextEncoder
@@ -36,6 +36,12 @@ def release_years(published_at: Sequence[Any]) -> list[float | None]:
         else:
             years.append(float(pd.Timestamp(int(value), unit="s", tz="UTC").year))
     return years
+
+
+def rqvae_config(modality_dims: tuple[tuple[str, int], ...], n_items: int, overrides: dict[str, Any]) -> RQVAEConfig:
+    """The RQ-VAE config of a fit: codebooks sized to the catalogue unless `overrides` names them."""
+    sizes = {} if "codebook_sizes" in overrides else {"codebook_sizes": default_codebook_sizes(n_items)}
+    return RQVAEConfig(modality_dims=modality_dims, **{**sizes, **overrides})
 
 
 def catalogue_content(catalogue: pd.DataFrame, pairs: Sequence[tuple[str, str, int]], encoder: TextEncoder | None,
@@ -68,7 +74,7 @@ def fit(root: Path, catalogue: pd.DataFrame, pairs: Sequence[tuple[str, str, int
     say(f"tokenize: {len(content.item_ids):,} items, modalities "
         + ", ".join(f"{n} ({int(content.presence[:, k].sum()):,} items, {d} dims)"
                     for k, (n, d) in enumerate(content.modality_dims)))
-    cfg = RQVAEConfig(modality_dims=content.modality_dims, **settings.rqvae)
+    cfg = rqvae_config(content.modality_dims, len(content.item_ids), settings.rqvae)
     index = {item: k for k, item in enumerate(content.item_ids)}
     pair_index = np.array([(index[a], index[b]) for a, b, _ in pairs if a in index and b in index],
                           np.int32).reshape(-1, 2)
@@ -82,7 +88,7 @@ def fit(root: Path, catalogue: pd.DataFrame, pairs: Sequence[tuple[str, str, int
     codes = assign_codes(model, content.x, content.presence, settings.batch_size)
     existing = versions(root)
     parent = existing[-1] if existing else None
-    table = new_table((parent or 0) + 1, list(content.item_ids), codes, cfg.codebook_sizes, parent_version=parent,
+    table = new_table((parent or 0) + 1, list(content.item_ids), codes, cfg.level_sizes, parent_version=parent,
                       config={"rqvae": asdict(cfg), "settings": settings.model_dump(mode="json"),
                               "metadata_vocabulary": asdict(vocabulary)})
     table.metrics["training"] = {k: float(v) for k, v in (history[-1] if history else {}).items()

@@ -28,8 +28,7 @@ from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from tokenizer.config import TokenizeSettings
 from tokenizer.content import MetadataVocabulary
-from tokenizer.jobs import release_years, catalogue_content
-from tokenizer.rqvae import RQVAEConfig
+from tokenizer.jobs import catalogue_content, release_years, rqvae_config
 from tokenizer.rqvae_train import assign_codes, train
 from tokenizer.sid_table import collision_metrics
 from tokenizer.text_encoder import TextEncoder
@@ -100,7 +99,7 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
         content = catalogue_content(catalogue, strong, encoder, modalities, vocabulary, settings.collaborative_dim)
         index = {item: k for k, item in enumerate(content.item_ids)}
         pair_index = np.array([(index[a], index[b]) for a, b, _ in strong], np.int64).reshape(-1, 2)
-        rq = RQVAEConfig(modality_dims=content.modality_dims, **{**settings.rqvae, **flags})
+        rq = rqvae_config(content.modality_dims, len(content.item_ids), {**settings.rqvae, **flags})
         started = time.monotonic()
         model, history = train(rq, content.x, content.presence, pair_index, settings.steps, settings.batch_size,
                                settings.learning_rate)

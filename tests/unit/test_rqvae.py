@@ -121,3 +121,14 @@ def test_an_item_missing_a_modality_still_gets_codes():
     x2[:10, 12:] = -7.0
     np.testing.assert_array_equal(codes[:10], assign_codes(model, x2, presence, 32)[:10])
     assert ((codes >= 0) & (codes < np.array(CFG.codebook_sizes))).all()
+
+
+def test_default_codebooks_fit_the_catalogue_size():
+    from tokenizer.rqvae import default_codebook_sizes
+
+    assert default_codebook_sizes(1_682) == (256, 128, 64, 32)  # MovieLens-100K
+    assert default_codebook_sizes(12_101) == (1024, 512, 256, 128)  # Amazon Beauty
+    assert default_codebook_sizes(10_000_000) == (2048, 1024, 512, 256)  # the paper's sizes, at most
+    assert default_codebook_sizes(50, levels=6)[-1] == 16
+    with pytest.raises(ValueError):
+        default_codebook_sizes(0)
