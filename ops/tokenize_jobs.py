@@ -100,10 +100,13 @@ def assign(cfg: PlumConfig, every: str | None = None) -> None:
     interval = parse_duration(every) if every else None
     store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
     encoder = _encoder(cfg)
-    while True:
-        added = jobs.assign(cfg.paths.sid_dir, _catalogue(store), encoder, say=click.echo)
-        if added:
-            push_sids(store, load_table(cfg.paths.sid_dir), added)
-        if interval is None:
-            return
-        time.sleep(interval)
+    try:
+        while True:
+            added = jobs.assign(cfg.paths.sid_dir, _catalogue(store), encoder, say=click.echo)
+            if added:
+                push_sids(store, load_table(cfg.paths.sid_dir), added)
+            if interval is None:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:  # the periodic form runs until Ctrl-C; the last pass is complete or not written
+        click.echo("tokenize: stopped")

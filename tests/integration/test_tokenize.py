@@ -3,6 +3,12 @@ SID tables on disk, item SIDs in the Feast online store."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from features import FeatureStoreClient
@@ -57,6 +63,38 @@ def test_fit_then_assign_new_items_without_changing_existing_sids(plum_config):
     refit = load_table(cfg.paths.sid_dir)
     assert refit.version == 2 and refit.parent_version == 1
     assert "sids_changed_vs_parent" in refit.metrics
+
+    # The periodic form picks up items that arrive while it runs, and stops cleanly on Ctrl-C.
+    env = {**os.environ, "PLUM_PATHS__STATE_DIR": str(cfg.paths.state_dir),
+           "PLUM_PATHS__CACHE_DIR": str(cfg.paths.cache_dir)}
+    periodic = subprocess.Popen([sys.executable, "-m", "ops.cli", "tokenize", "assign", "--every", "1s"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = _read_until(periodic, "already covers")
+        with EventProducer(cfg.kafka) as producer:
+            replay(producer, [ItemUpsert(item_id="later", title="A film that came later", tags=["Comedy"])], [])
+        run_pipeline(cfg, until_caught_up=True, quiet=True)
+        lines += _read_until(periodic, "gave 1 new items SIDs in version 2")
+        periodic.send_signal(signal.SIGINT)
+        rest, _ = periodic.communicate(timeout=60)
+    finally:
+        periodic.kill()
+    assert periodic.returncode == 0 and "tokenize: stopped" in rest and "Traceback" not in "".join(lines) + rest
+    assert "later" in load_table(cfg.paths.sid_dir).codes
+
+
+def _read_until(process: subprocess.Popen, text: str, timeout: float = 180.0) -> list[str]:
+    """Lines of the process's output up to the first that contains `text`."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never appeared; output: {''.join(lines)[-2000:]}")
 
 
 def test_durations_and_an_empty_catalogue_are_clear(plum_config):
