@@ -126,14 +126,14 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None) -> tup
 
 
 @dataclass(frozen=True)
-class UserSequences:
-    """Training sequences per user: item indices and rewards in time order."""
+class RewardedSequences:
+    """Training sequences per user (item indices, oldest first) with the reward of each event."""
 
     items: tuple[np.ndarray, ...]
     rewards: tuple[np.ndarray, ...]
 
 
-def sft_positions(sequences: UserSequences) -> tuple[np.ndarray, np.ndarray]:
+def sft_positions(sequences: RewardedSequences) -> tuple[np.ndarray, np.ndarray]:
     """Every (user, position >= 1) that can be a target, and its reward (the sampling weight)."""
     users, positions, rewards = [], [], []
     for u, (items, r) in enumerate(zip(sequences.items, sequences.rewards)):
@@ -146,7 +146,7 @@ def sft_positions(sequences: UserSequences) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([np.concatenate(users), np.concatenate(positions)], 1), np.concatenate(rewards)
 
 
-def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: UserSequences, batch_size: int,
+def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
                 max_history: int, buckets: Sequence[int], rng: np.random.Generator,
                 context: Sequence[Mapping[str, object]] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Endless SFT batches; targets drawn in proportion to reward, each drawn example weighted equally."""
@@ -165,7 +165,7 @@ def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: UserSequen
         yield pack_batch(examples, buckets, batch_size)
 
 
-def cpt_batches(layout: VocabLayout, catalogue: Catalogue, sequences: UserSequences, batch_size: int,
+def cpt_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
                 max_history: int, buckets: Sequence[int], rng: np.random.Generator,
                 behaviour_share: float = 0.5) -> Iterator[dict[str, np.ndarray]]:
     """Endless CPT batches: `behaviour_share` of rows are windows of user sequences (at most

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainer.data import (
-    Catalogue, UserSequences, behaviour_document, cpt_batches, left_pad, metadata_documents, pack_batch,
+    Catalogue, RewardedSequences, behaviour_document, cpt_batches, left_pad, metadata_documents, pack_batch,
     retrieval_example, sft_batches, sft_positions,
 )
 from trainer.vocab import BOS, EOS, HIST, NEXT, PAD, SPECIALS, UNK, FeatureSpec, VocabLayout
@@ -114,7 +114,7 @@ def test_left_pad_aligns_prompts_at_the_end():
 def test_sft_sampling_follows_reward():
     layout = _layout()
     cat = _catalogue(layout)
-    seqs = UserSequences((np.array([0, 1, 2]), np.array([3, 0])), (np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0])))
+    seqs = RewardedSequences((np.array([0, 1, 2]), np.array([3, 0])), (np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0])))
     targets, rewards = sft_positions(seqs)
     assert targets.tolist() == [[0, 1], [0, 2], [1, 1]] and rewards.tolist() == [1.0, 0.0, 1.0]
     batch = next(sft_batches(layout, cat, seqs, batch_size=64, max_history=5, buckets=(32,),
@@ -129,7 +129,7 @@ def test_sft_sampling_follows_reward():
 def test_cpt_mixture_holds_both_kinds_of_documents():
     layout = _layout()
     cat = _catalogue(layout)
-    seqs = UserSequences((np.array([0, 1, 2, 3]),), (np.ones(4),))
+    seqs = RewardedSequences((np.array([0, 1, 2, 3]),), (np.ones(4),))
     batch = next(cpt_batches(layout, cat, seqs, batch_size=200, max_history=3, buckets=(32,),
                              rng=np.random.default_rng(0)))
     behaviour = (batch["tokens"][:, 1] == HIST).mean()
