@@ -1,11 +1,17 @@
 """Training documents and examples as token ids (host side, numpy), shared by CPT and SFT.
 
-- Behaviour document (CPT): `<bos> [ctx] <hist> SID(i1) r1 SID(i2) r2 ... <eos>`, every token a
-  next-token target.
-- Metadata documents (CPT), both directions: `<bos> <item> SID <title> text <eos>` and
-  `<bos> <title> text <sid> SID <eos>`.
-- Retrieval example (SFT, evaluation, serving): prompt `<bos> [ctx] <hist> SID(h1) r1 ... <next>`,
-  target the next item's SID; only the target's SID tokens carry loss.
+- Behaviour sequence: `<bos> [<ctx> features] <hist> SID(i1) r1 SID(i2) r2 ...`, each item's SID
+  followed by its reward bucket. The retrieval prompt (SFT, evaluation, serving) is exactly this
+  for a history; the model then writes the next item's SID.
+- CPT trains on behaviour sequences (every next token a target, `<eos>` at the end) and on item
+  metadata documents in both directions: `<bos> <item> SID <title> text <eos>` and
+  `<bos> <title> text <sid> SID <eos>`; the paper's mixture is 50/50.
+- SFT trains on windows of behaviour sequences with loss only on the SID tokens of target items.
+  In a causal model the SID of item t in a window is predicted from exactly the prompt a
+  one-target example would have (the window's earlier items), so one window carries up to
+  max_history examples for the price of one forward pass. Reward sampling: each target is kept
+  with probability reward / (the largest training reward), and kept targets weigh equally, so
+  targets are drawn in proportion to reward as the paper does.
 
 Items are dense indices into `item_sids` (one row of SID token ids per item). Batches are padded to
 a few fixed lengths (`bucket_length`) so the jitted step compiles once per bucket.
@@ -18,7 +24,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from trainer.vocab import BOS, CTX, EOS, HIST, ITEM, NEXT, PAD, SID, TITLE, VocabLayout
+from trainer.vocab import BOS, CTX, EOS, HIST, ITEM, PAD, SID, TITLE, VocabLayout
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class Catalogue:
 
 def history_tokens(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
                    context: Mapping[str, object] | None = None) -> list[int]:
-    """`<bos> [<ctx> features] <hist> SID r SID r ...` for a history (oldest first)."""
+    """`<bos> [<ctx> features] <hist> SID r SID r ...` for a history (oldest first): the retrieval prompt."""
     tokens = [BOS]
     if layout.features:
         tokens += [CTX, *layout.feature_tokens(context or {})]
@@ -45,26 +51,22 @@ def history_tokens(layout: VocabLayout, catalogue: Catalogue, items: Sequence[in
     return tokens
 
 
-def retrieval_prompt(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
-                     context: Mapping[str, object] | None = None) -> list[int]:
-    """The SFT / serving prompt: the history followed by `<next>`; the model then writes a SID."""
-    return [*history_tokens(layout, catalogue, items, rewards, context), NEXT]
+def prefix_length(layout: VocabLayout) -> int:
+    """Tokens before the first item of a behaviour sequence."""
+    return 2 + (1 + len(layout.features) if layout.features else 0)
 
 
-def retrieval_example(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
-                      target: int, context: Mapping[str, object] | None = None) -> tuple[list[int], list[float]]:
-    """Prompt + target SID, and per-token loss weights (1 on the target's SID tokens only).
-
-    Weights align with the tokens they predict: weight[t] is the loss of predicting tokens[t + 1]
-    from tokens[:t + 1], as in `next_token_batch`.
-    """
-    prompt = retrieval_prompt(layout, catalogue, items, rewards, context)
-    target_tokens = catalogue.item_sids[target].tolist()
-    tokens = prompt + target_tokens
-    weights = [0.0] * len(tokens)
-    for t in range(len(prompt) - 1, len(tokens) - 1):
-        weights[t] = 1.0
-    return tokens, weights
+def target_weights(layout: VocabLayout, n_items: int, keep: Sequence[bool]) -> list[float]:
+    """Weights of a behaviour sequence of n_items items (no `<eos>`) with loss on the SIDs of the
+    items where keep is True; weight[t] weighs the prediction of token t + 1."""
+    step = layout.sid_depth + 1
+    weights = [0.0] * (prefix_length(layout) + n_items * step)
+    for j in range(n_items):
+        if keep[j]:
+            first = prefix_length(layout) + j * step
+            for t in range(first - 1, first + layout.sid_depth - 1):
+                weights[t] = 1.0
+    return weights
 
 
 def behaviour_document(layout: VocabLayout, catalogue: Catalogue, items: Sequence[int], rewards: Sequence[float],
@@ -133,35 +135,33 @@ class RewardedSequences:
     rewards: tuple[np.ndarray, ...]
 
 
-def sft_positions(sequences: RewardedSequences) -> tuple[np.ndarray, np.ndarray]:
-    """Every (user, position >= 1) that can be a target, and its reward (the sampling weight)."""
-    users, positions, rewards = [], [], []
-    for u, (items, r) in enumerate(zip(sequences.items, sequences.rewards)):
-        if len(items) > 1:
-            users.append(np.full(len(items) - 1, u))
-            positions.append(np.arange(1, len(items)))
-            rewards.append(np.asarray(r[1:], np.float64))
-    if not users:
+def sft_windows(sequences: RewardedSequences) -> tuple[np.ndarray, float]:
+    """Every (user, last position >= 1) a window can end at, and the largest reward (for sampling)."""
+    ends = [np.stack([np.full(len(items) - 1, u), np.arange(1, len(items))], 1)
+            for u, items in enumerate(sequences.items) if len(items) > 1]
+    if not ends:
         raise ValueError("no user has two or more training items: nothing to learn from")
-    return np.stack([np.concatenate(users), np.concatenate(positions)], 1), np.concatenate(rewards)
+    top = max(float(np.max(r)) for r in sequences.rewards if len(r))
+    if top <= 0:
+        raise ValueError("every training reward is zero: reward sampling has nothing to draw")
+    return np.concatenate(ends), top
 
 
 def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
                 max_history: int, buckets: Sequence[int], rng: np.random.Generator,
                 context: Sequence[Mapping[str, object]] | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Endless SFT batches; targets drawn in proportion to reward, each drawn example weighted equally."""
-    targets, rewards = sft_positions(sequences)
-    if not (rewards > 0).any():
-        raise ValueError("every training reward is zero: reward sampling has nothing to draw")
-    p = np.clip(rewards, 0, None) / np.clip(rewards, 0, None).sum()
+    """Endless SFT batches of windows of at most max_history + 1 items ending at a random position;
+    every item after the window's first is a target, kept with probability reward / max reward."""
+    ends, top = sft_windows(sequences)
     while True:
-        chosen = targets[rng.choice(len(targets), size=batch_size, p=p)]
         examples = []
-        for u, pos in chosen:
-            start = max(0, pos - max_history)
-            examples.append(retrieval_example(layout, catalogue, sequences.items[u][start:pos],
-                                              sequences.rewards[u][start:pos], int(sequences.items[u][pos]),
-                                              None if context is None else context[u]))
+        for u, end in ends[rng.integers(len(ends), size=batch_size)]:
+            start = max(0, end - max_history)
+            items, rewards = sequences.items[u][start:end + 1], sequences.rewards[u][start:end + 1]
+            keep = rng.random(len(items)) < np.asarray(rewards, np.float64) / top
+            keep[0] = False  # the window's first item has no history inside the window
+            tokens = history_tokens(layout, catalogue, items, rewards, None if context is None else context[u])
+            examples.append((tokens, target_weights(layout, len(items), keep)))
         yield pack_batch(examples, buckets, batch_size)
 
 

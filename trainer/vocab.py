@@ -16,8 +16,8 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<hist>", "<next>", "<item>", "<title>", "<sid>", "<ctx>")
-PAD, BOS, EOS, UNK, HIST, NEXT, ITEM, TITLE, SID, CTX = range(len(SPECIALS))
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<hist>", "<item>", "<title>", "<sid>", "<ctx>")
+PAD, BOS, EOS, UNK, HIST, ITEM, TITLE, SID, CTX = range(len(SPECIALS))
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from trainer.data import (
-    Catalogue, RewardedSequences, behaviour_document, cpt_batches, left_pad, metadata_documents, pack_batch,
-    retrieval_example, sft_batches, sft_positions,
+    Catalogue, RewardedSequences, behaviour_document, cpt_batches, history_tokens, left_pad, metadata_documents,
+    pack_batch, sft_batches, target_weights,
 )
-from trainer.vocab import BOS, EOS, HIST, NEXT, PAD, SPECIALS, UNK, FeatureSpec, VocabLayout
+from trainer.vocab import BOS, EOS, HIST, PAD, SPECIALS, UNK, FeatureSpec, VocabLayout
 
 pytestmark = pytest.mark.unit
 
@@ -75,15 +75,17 @@ def _catalogue(layout: VocabLayout) -> Catalogue:
     return Catalogue(sids, ((layout.text_offset,), (), (layout.text_offset + 1, layout.text_offset + 2), ()))
 
 
-def test_retrieval_example_weighs_only_the_target_sid():
+def test_sft_weights_cover_exactly_the_kept_targets_sids():
     layout = _layout()
     cat = _catalogue(layout)
-    tokens, weights = retrieval_example(layout, cat, [0, 3], [1.0, 0.2], target=2)
-    depth = layout.sid_depth
-    assert tokens[0] == BOS and tokens[1] == HIST
-    assert tokens[-depth - 1] == NEXT and tokens[-depth:] == cat.item_sids[2].tolist()
+    tokens = history_tokens(layout, cat, [0, 3, 2], [1.0, 0.2, 1.0])
+    weights = target_weights(layout, 3, [False, True, True])
+    assert tokens[:2] == [BOS, HIST] and len(weights) == len(tokens)
     predicted = [tokens[t + 1] for t, w in enumerate(weights) if w]
-    assert predicted == cat.item_sids[2].tolist()
+    assert predicted == cat.item_sids[3].tolist() + cat.item_sids[2].tolist()
+    # The prompt of a one-target example is the window up to the target: the same tokens.
+    prompt = history_tokens(layout, cat, [0, 3], [1.0, 0.2])
+    assert tokens[:len(prompt)] == prompt and tokens[len(prompt):len(prompt) + layout.sid_depth] == cat.item_sids[2].tolist()
 
 
 def test_cpt_documents_predict_every_next_token():
@@ -111,19 +113,22 @@ def test_left_pad_aligns_prompts_at_the_end():
     assert mask.tolist() == [[True, True, True], [False, False, True]]
 
 
-def test_sft_sampling_follows_reward():
+def test_sft_targets_are_drawn_in_proportion_to_reward():
     layout = _layout()
     cat = _catalogue(layout)
-    seqs = RewardedSequences((np.array([0, 1, 2]), np.array([3, 0])), (np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0])))
-    targets, rewards = sft_positions(seqs)
-    assert targets.tolist() == [[0, 1], [0, 2], [1, 1]] and rewards.tolist() == [1.0, 0.0, 1.0]
-    batch = next(sft_batches(layout, cat, seqs, batch_size=64, max_history=5, buckets=(32,),
+    # Items 1 (reward 1.0), 2 (reward 0.0) and 3 (reward 0.5) always follow item 0.
+    seqs = RewardedSequences((np.array([0, 1]), np.array([0, 2]), np.array([0, 3])),
+                             (np.array([1.0, 1.0]), np.array([1.0, 0.0]), np.array([1.0, 0.5])))
+    batch = next(sft_batches(layout, cat, seqs, batch_size=600, max_history=5, buckets=(32,),
                              rng=np.random.default_rng(0)))
-    drawn = set()
+    drawn = []
     for tokens, weights in zip(batch["tokens"], batch["weights"]):
-        target = tuple(tokens[np.flatnonzero(weights) + 1].tolist())
-        drawn.add(next(i for i, sid in enumerate(cat.item_sids.tolist()) if tuple(sid) == target))
-    assert drawn == {1, 0}  # item 2's reward is zero: never drawn
+        target = tokens[np.flatnonzero(weights) + 1].tolist()
+        if target:
+            drawn.append(next(i for i, sid in enumerate(cat.item_sids.tolist()) if sid == target))
+    counts = np.bincount(drawn, minlength=4)
+    assert counts[0] == 0 and counts[2] == 0  # the window's first item, and a zero-reward target
+    assert 1.6 < counts[1] / counts[3] < 2.5  # reward 1.0 against 0.5
 
 
 def test_cpt_mixture_holds_both_kinds_of_documents():

@@ -1,0 +1,258 @@
+"""Beam search over Semantic ID tokens, constrained to a trie of valid SIDs (shared by eval and serving).
+
+The engine knows nothing about tokenisation or the model: it sees token ids, a `SIDTrie` and a step function
+
+    step_fn(tokens: int32 [N, T], mask: bool [N, T], cache) -> (logits float32 [N, T, V], new_cache)
+    init_cache(N, max_len) -> cache
+
+where the cache is a pytree whose leaves with ndim >= 1 carry the batch on axis 0 (0-d leaves are shared
+scalars), so beams are reordered by indexing every such leaf with the same row index.
+
+Jit it once per prompt shape with the model and the static settings bound, the trie passed as an argument:
+
+    search = jax.jit(functools.partial(beam_search, step_fn, init_cache, beam_width=10))
+    result = search(prompt_tokens, prompt_mask, trie)
+
+Whatever `step_fn` closes over (model parameters) is baked into that compiled function; to swap parameters
+without recompiling, jit a function that takes them and builds `step_fn` inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Cache = Any
+StepFn = Callable[[jax.Array, jax.Array, Cache], tuple[jax.Array, Cache]]
+InitCache = Callable[[int, int], Cache]
+
+
+@jax.tree_util.register_pytree_node_class
+class SIDTrie:
+    """Every valid SID as dense per-depth child tables, ready for jitted decoding.
+
+    `children[d]: int32 [n_nodes_d, width_d]` gives, for a node at depth d (depth 0 is the root, one node)
+    and the local token `token - offset_d`, the child node at depth d + 1, or -1 where that token does not
+    continue any valid SID. At the last depth D - 1 the entry is the item index instead: the position of the
+    SID in the list the trie was built from (the caller maps it to an item id). Memory is
+    sum_d n_nodes_d * width_d int32, never [n_nodes, vocabulary].
+
+    The trie is immutable. When items are added (re-tokenisation gives new items SIDs from the frozen
+    RQ-VAE) or a refit produces SID version v + 1, build a new trie from the full SID list and swap it in
+    with the servable that uses it. A larger catalogue changes the table shapes and hence recompiles the
+    jitted search once; `node_bucket` pads node counts to a multiple so that small growth keeps the shapes.
+
+    The trie is a pytree (tables are leaves, ranges static), so it is passed straight into jitted code;
+    `jax.device_put(trie)` moves the tables to the device once instead of on every call.
+    """
+
+    def __init__(self, sids: Sequence[tuple[int, ...]], ranges: Sequence[tuple[int, int]], node_bucket: int = 1):
+        """Build from `sids` (token ids, all of depth D) and the per-depth token ranges `(offset_d, width_d)`."""
+        ranges = tuple((int(offset), int(width)) for offset, width in ranges)
+        if not ranges or any(offset < 0 or width < 1 for offset, width in ranges):
+            raise ValueError(f"SID token ranges must be non-empty (offset >= 0, width >= 1) pairs, got {ranges}.")
+        if node_bucket < 1:
+            raise ValueError(f"node_bucket must be at least 1, got {node_bucket}.")
+        depth = len(ranges)
+        if len(sids) == 0:
+            raise ValueError("A SID trie needs at least one SID; the catalogue is empty.")
+        if any(len(sid) != depth for sid in sids):
+            bad = next(sid for sid in sids if len(sid) != depth)
+            raise ValueError(f"Every SID must have {depth} tokens (one per range), got {tuple(bad)}.")
+        tokens = np.asarray(sids, dtype=np.int64).reshape(len(sids), depth)
+        offsets = np.array([offset for offset, _ in ranges])
+        widths = np.array([width for _, width in ranges])
+        local = tokens - offsets
+        out_of_range = (local < 0) | (local >= widths)
+        if out_of_range.any():
+            row, d = np.argwhere(out_of_range)[0]
+            raise ValueError(
+                f"SID {tuple(tokens[row].tolist())} has token {tokens[row, d]} at depth {d}, outside that depth's "
+                f"range [{offsets[d]}, {offsets[d] + widths[d]}); check the vocabulary layout."
+            )
+        children = []
+        parent = np.zeros(len(tokens), dtype=np.int64)  # node index of each SID's prefix at the current depth
+        n_parents = 1
+        for d, width in enumerate(widths):
+            # a node at depth d + 1 is identified by (parent node, token): number the distinct pairs
+            keys = parent * width + local[:, d]
+            unique_keys, child, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            table = np.full((_round_up(n_parents, node_bucket) if d else 1, width), -1, dtype=np.int32)
+            if d < depth - 1:
+                table[parent, local[:, d]] = child
+            else:
+                if (counts > 1).any():
+                    dup = tuple(tokens[np.flatnonzero(child == np.flatnonzero(counts > 1)[0])[0]].tolist())
+                    raise ValueError(f"SID {dup} appears more than once; every item needs a distinct SID.")
+                table[parent, local[:, d]] = np.arange(len(tokens))
+            children.append(table)
+            parent, n_parents = child, len(unique_keys)
+        self.children: tuple[np.ndarray | jax.Array, ...] = tuple(children)
+        self.ranges: tuple[tuple[int, int], ...] = ranges
+        self.num_items: int = len(tokens)
+
+    @property
+    def depth(self) -> int:
+        """D: the number of tokens in every SID."""
+        return len(self.ranges)
+
+    @property
+    def vocab_end(self) -> int:
+        """One past the largest SID token id; the model's vocabulary must be at least this large."""
+        return max(offset + width for offset, width in self.ranges)
+
+    def item_of(self, sequence: Sequence[int]) -> int:
+        """Host-side lookup: the item index of a full SID token sequence, or -1 if it is not a valid SID."""
+        if len(sequence) != self.depth:
+            return -1
+        node = 0
+        for table, (offset, width), token in zip(self.children, self.ranges, sequence):
+            local = int(token) - offset
+            if not 0 <= local < width:
+                return -1
+            node = int(table[node, local])  # one element, also from a device-resident table
+            if node < 0:
+                return -1
+        return node
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[tuple[tuple[int, int], ...], int]]:
+        """Pytree protocol: the tables are leaves; the ranges and the item count are static."""
+        return self.children, (self.ranges, self.num_items)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[tuple[tuple[int, int], ...], int], children: Sequence[Any]) -> "SIDTrie":
+        """Pytree protocol: rebuild around new leaves (tracers, device arrays) without re-validating."""
+        trie = object.__new__(cls)
+        trie.children, (trie.ranges, trie.num_items) = tuple(children), aux
+        return trie
+
+
+class BeamResult(NamedTuple):
+    """Beams per user, best first. Beams that do not exist (fewer valid SIDs than beams) have score -inf,
+    item -1 and tokens -1.
+
+    sequences: int32 [B, beam_width, D] SID token ids.
+    scores: float32 [B, beam_width] sum of the SID tokens' log-probabilities (log-softmax over the full vocabulary).
+    items: int32 [B, beam_width] item index in the trie, -1 where the sequence is not a valid SID.
+    """
+
+    sequences: jax.Array
+    scores: jax.Array
+    items: jax.Array
+
+
+def beam_search(
+    step_fn: StepFn,
+    init_cache: InitCache,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    trie: SIDTrie,
+    beam_width: int,
+    constrained: bool = True,
+    max_len: int | None = None,
+) -> BeamResult:
+    """Top `beam_width` SIDs per user for left-padded prompts `[B, T]` (jittable; D steps unrolled).
+
+    One prefill of the B prompts, then D selection steps over B * beam_width cache rows. Constrained: at depth
+    d only tokens that continue a valid SID prefix may be chosen, so every live beam is a distinct item.
+    Unconstrained: any vocabulary token may be chosen; items are looked up afterwards (-1 = invalid SID), which
+    measures the model's invalid-SID rate. `max_len` is the cache length, at least T + D - 1 (the default).
+    """
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(
+            f"prompt_tokens and prompt_mask must both be [batch, length], got {prompt_tokens.shape} and "
+            f"{prompt_mask.shape}."
+        )
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be at least 1, got {beam_width}.")
+    batch, length = prompt_tokens.shape
+    max_len = length + trie.depth - 1 if max_len is None else max_len
+    if max_len < length + trie.depth - 1:
+        raise ValueError(f"max_len {max_len} cannot hold a {length}-token prompt plus a {trie.depth}-token SID.")
+
+    logits, cache = step_fn(prompt_tokens.astype(jnp.int32), prompt_mask.astype(bool), init_cache(batch, max_len))
+    vocab = logits.shape[-1]
+    if trie.vocab_end > vocab:
+        raise ValueError(f"The SID ranges end at token {trie.vocab_end} but the model has only {vocab} logits.")
+    last_logits = logits[:, -1:, :].astype(jnp.float32)  # [B, beams_in=1, V]
+    scores = jnp.zeros((batch, 1), jnp.float32)  # only one live beam per user before the first step
+    nodes = jnp.zeros((batch, 1), jnp.int32)
+    sequences = jnp.zeros((batch, 1, 0), jnp.int32)
+    for d, (table, (offset, width)) in enumerate(zip(trie.children, trie.ranges)):
+        beams_in = scores.shape[1]
+        # log-softmax over the full vocabulary = logit - log-normaliser; ranking within a beam needs only logits
+        beam_bias = scores - jax.nn.logsumexp(last_logits, axis=-1)  # [B, beams_in]
+        if constrained:
+            # dead beams (node -1) read row 0, harmlessly: their bias is already -inf
+            valid = jnp.asarray(table)[jnp.maximum(nodes, 0)] >= 0  # [B, beams_in, width]
+            scores, parent, token = _top_k(
+                jnp.where(valid, last_logits[..., offset : offset + width], -jnp.inf), beam_bias, beam_width)
+            token = token + offset
+        else:
+            scores, parent, token = _top_k(last_logits, beam_bias, beam_width)
+        nodes = _child(table, jnp.take_along_axis(nodes, parent, axis=1), token - offset, width)
+        sequences = jnp.concatenate([jnp.take_along_axis(sequences, parent[..., None], axis=1), token[..., None]], -1)
+        if d < trie.depth - 1:
+            rows = (jnp.arange(batch)[:, None] * beams_in + parent).reshape(-1)  # step 0 repeats each user's cache
+            cache = jax.tree.map(lambda a: a[rows] if a.ndim else a, cache)
+            logits, cache = step_fn(token.reshape(-1, 1), jnp.ones((batch * beam_width, 1), bool), cache)
+            last_logits = logits[:, -1, :].astype(jnp.float32).reshape(batch, beam_width, vocab)
+    alive = scores > -jnp.inf
+    return BeamResult(
+        sequences=jnp.where(alive[..., None], sequences, -1),
+        scores=scores,
+        items=jnp.where(alive, nodes, -1),
+    )
+
+
+def greedy_search(
+    step_fn: StepFn,
+    init_cache: InitCache,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    trie: SIDTrie,
+    constrained: bool = True,
+    max_len: int | None = None,
+) -> BeamResult:
+    """The single most likely SID per user, token by token: `beam_search` with beam_width 1."""
+    return beam_search(step_fn, init_cache, prompt_tokens, prompt_mask, trie, 1, constrained, max_len)
+
+
+def invalid_sid_rate(result: BeamResult) -> float:
+    """Fraction of the generated beams (score > -inf) whose SID maps to no item; 0 for constrained search."""
+    live = np.asarray(result.scores) > -np.inf
+    if not live.any():
+        raise ValueError("The result holds no generated beams, so it has no invalid-SID rate.")
+    return float((np.asarray(result.items)[live] < 0).mean())
+
+
+def _top_k(logits: jax.Array, beam_bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Best k of `beam_bias[..., None] + logits` over `[B, beams_in, C]`: (scores, parent beam, column), each [B, k].
+
+    The overall best k are among each beam's best k, so the beams are cut to k first: the search never
+    materialises [B, beams_in, vocabulary] scores (unconstrained mode).
+    """
+    batch, beams_in, columns = logits.shape
+    per_beam = min(k, columns)
+    best_logits, best_columns = jax.lax.top_k(logits, per_beam)  # [B, beams_in, per_beam]
+    flat = (beam_bias[..., None] + best_logits).reshape(batch, beams_in * per_beam)
+    if flat.shape[1] < k:  # fewer candidates than beams (narrow first level): the rest are dead beams
+        flat = jnp.pad(flat, ((0, 0), (0, k - flat.shape[1])), constant_values=-jnp.inf)
+    scores, index = jax.lax.top_k(flat, k)
+    index = jnp.minimum(index, beams_in * per_beam - 1)
+    column = jnp.take_along_axis(best_columns.reshape(batch, -1), index, axis=1)
+    return scores, index // per_beam, column.astype(jnp.int32)
+
+
+def _child(table: jax.Array | np.ndarray, nodes: jax.Array, local: jax.Array, width: int) -> jax.Array:
+    """Child node (item index at the last depth) of `nodes` under local tokens, -1 off the trie."""
+    on_trie = (nodes >= 0) & (local >= 0) & (local < width)
+    child = jnp.asarray(table)[jnp.maximum(nodes, 0), jnp.clip(local, 0, width - 1)]
+    return jnp.where(on_trie, child, -1)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -1,0 +1,172 @@
+"""Generative retrieval end to end: vocabulary and catalogue from a SID table, model initialisation
+(random or warm-started from SmolLM2), the CPT and SFT stages, and recommendation by constrained
+beam search with evaluation under the leave-one-out protocol.
+
+The caller (ops) supplies the data: SIDs per item, titles, user sequences with rewards. Nothing
+here knows where they came from.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_tokens, left_pad, prefix_length, sft_batches
+from trainer.decoding import SIDTrie, beam_search
+from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
+from trainer.model import DECODER_SIZES, Decoder
+from trainer.train import OptimConfig, TrainLoop
+from trainer.vocab import BOS, EOS, VocabLayout
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """One generative-retrieval run: model, stages, decoding. `init` is "random" or "smollm2"."""
+
+    model_size: str = "small"
+    init: str = "random"
+    keep_layers: int = 4
+    cpt_steps: int = 0
+    sft_steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    max_history: int = 20
+    beam_width: int = 20
+    eval_batch: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("random", "smollm2"):
+            raise ValueError(f"init must be 'random' or 'smollm2', got {self.init!r}")
+        if self.init == "random" and self.model_size not in DECODER_SIZES:
+            raise ValueError(f"unknown model size {self.model_size!r}; known: {', '.join(DECODER_SIZES)}")
+
+    def buckets(self, layout: VocabLayout) -> tuple[int, ...]:
+        """Padded lengths: the longest retrieval example, and shorter powers of two for CPT documents."""
+        longest = prefix_length(layout) + 1 + (self.max_history + 1) * (layout.sid_depth + 1)
+        longest = max(longest, 64)
+        return tuple(sorted({*(b for b in (32, 64, 128, 256) if b < longest), longest}))
+
+
+def text_vocabulary(encoded_titles: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The BPE ids the catalogue's titles use, sorted: the text section of the layout."""
+    return tuple(sorted({i for title in encoded_titles for i in title}))
+
+
+def make_catalogue(layout: VocabLayout, sids: np.ndarray, encoded_titles: Sequence[Sequence[int]],
+                   max_title_tokens: int = 48) -> Catalogue:
+    """SIDs [n_items, levels + 1] (codes + suffix) and BPE titles -> the catalogue in token ids."""
+    item_sids = np.array([layout.sid_tokens(row) for row in np.asarray(sids)], np.int32)
+    titles = tuple(tuple(layout.text_tokens(t[:max_title_tokens])) for t in encoded_titles)
+    return Catalogue(item_sids, titles)
+
+
+def sid_trie(layout: VocabLayout, catalogue: Catalogue) -> SIDTrie:
+    """The trie of every catalogue item's SID; leaf values are dense item indices."""
+    ranges = list(zip(layout.sid_offsets, layout.sid_widths))
+    return SIDTrie([tuple(row) for row in catalogue.item_sids.tolist()], ranges)
+
+
+def init_model(settings: RetrievalSettings, layout: VocabLayout, gguf_path: Path | None = None,
+               bos_eos: tuple[int, int] | None = None) -> Decoder:
+    """A decoder over `layout`: random init of a named size, or SmolLM2's first `keep_layers` layers
+    with its embedding rows for the layout's text tokens (and BOS/EOS), new rows as warm_start does."""
+    rngs = nnx.Rngs(settings.seed)
+    if settings.init == "random":
+        return Decoder(DECODER_SIZES[settings.model_size].replace(vocab_size=layout.size), rngs)
+    if gguf_path is None:
+        raise ValueError("a SmolLM2 warm start needs the GGUF path")
+    from trainer.warm_start import load_pretrained, new_rows  # the GGUF reader only when needed
+
+    pretrained = load_pretrained(gguf_path, keep_layers=settings.keep_layers)
+    params = nnx.to_pure_dict(nnx.state(pretrained, nnx.Param))
+    old = np.asarray(params["embed"]["embedding"])
+    table = new_rows(old, layout.size, np.random.default_rng(settings.seed))
+    table[layout.text_offset:layout.text_offset + len(layout.text_ids)] = old[list(layout.text_ids)]
+    if bos_eos is not None:
+        table[BOS], table[EOS] = old[bos_eos[0]], old[bos_eos[1]]
+    params["embed"]["embedding"] = jnp.asarray(table, old.dtype)
+    cfg = pretrained.cfg.replace(vocab_size=layout.size)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs)))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayout, catalogue: Catalogue,
+                 sequences: RewardedSequences, say: Say = print) -> tuple[Decoder, dict[str, list[dict[str, float]]]]:
+    """CPT (when cpt_steps > 0) then SFT, each with its own optimizer; returns the model and histories."""
+    rng = np.random.default_rng(settings.seed)
+    buckets = settings.buckets(layout)
+    histories: dict[str, list[dict[str, float]]] = {}
+    for stage, steps in (("cpt", settings.cpt_steps), ("sft", settings.sft_steps)):
+        if steps <= 0:
+            continue
+        make = cpt_batches if stage == "cpt" else sft_batches
+        batches = make(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets, rng)
+        loop = TrainLoop(model, OptimConfig(settings.learning_rate, settings.warmup_steps, steps))
+        histories[stage] = loop.run(batches, steps, say, label=stage)
+        model = loop.model()
+    return model, histories
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _search(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, trie: SIDTrie,
+            beam_width: int):
+    model = nnx.merge(graphdef, state)
+    return beam_search(model.extend, model.init_cache, tokens, mask, trie, beam_width)
+
+
+class Recommender:
+    """A trained decoder with its vocabulary, catalogue and trie: prompts in, item indices out."""
+
+    def __init__(self, model: Decoder, layout: VocabLayout, catalogue: Catalogue, max_history: int) -> None:
+        self.graphdef, self.state = nnx.split(model)
+        self.layout, self.catalogue, self.max_history = layout, catalogue, max_history
+        self.trie = jax.device_put(sid_trie(layout, catalogue))
+        self.prompt_length = prefix_length(layout) + max_history * (layout.sid_depth + 1)
+
+    def search(self, histories: Sequence[Sequence[int]], rewards: Sequence[Sequence[float]], beam_width: int,
+               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Beam items [n, beam_width] (dense indices, -1 for none) and their scores, batch by batch."""
+        items, scores = [], []
+        for start in range(0, len(histories), batch_size):
+            prompts = [history_tokens(self.layout, self.catalogue, h[-self.max_history:], r[-self.max_history:])
+                       for h, r in zip(histories[start:start + batch_size], rewards[start:start + batch_size])]
+            real = len(prompts)
+            prompts += [prompts[-1]] * (batch_size - real)  # a fixed batch shape compiles once
+            tokens, mask = left_pad(prompts, self.prompt_length)
+            result = _search(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask), self.trie, beam_width)
+            items.append(np.asarray(result.items)[:real])
+            scores.append(np.asarray(result.scores)[:real])
+        return np.concatenate(items), np.concatenate(scores)
+
+
+def top_k_unseen(beam_items: np.ndarray, seen: Sequence[np.ndarray] | None, k: int) -> np.ndarray:
+    """The first k beam items per user that are not in `seen` (the protocol's exclusion), -1 padded."""
+    out = np.full((len(beam_items), k), -1, np.int64)
+    for row, items in enumerate(beam_items):
+        skip = set() if seen is None else set(np.asarray(seen[row]).tolist())
+        kept = [i for i in items.tolist() if i >= 0 and i not in skip][:k]
+        out[row, :len(kept)] = kept
+    return out
+
+
+def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequence[float]], beam_width: int,
+             batch_size: int, exclude_seen: bool = True, k: int = 10) -> tuple[dict[str, float], np.ndarray]:
+    """Recall/NDCG@5/10 and the effective vocabulary of the top-k lists; returns (metrics, ranked)."""
+    beams, _ = recommender.search(eval_set.histories, rewards, beam_width, batch_size)
+    ranked = top_k_unseen(beams, eval_set.seen if exclude_seen else None, k)
+    metrics = rank_metrics(ranked, eval_set.targets, ks=tuple(sorted({min(5, k), k})))
+    metrics["effective_vocabulary"] = effective_vocabulary(ranked)
+    metrics["users"] = len(ranked)
+    return metrics, ranked
