@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ class DecoderConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.dim // self.n_heads
 
     @property
@@ -79,7 +80,7 @@ class DecoderConfig:
         """The jnp dtype of parameters and activations (logits are always float32)."""
         return _DTYPES[self.dtype]
 
-    def replace(self, **changes: object) -> DecoderConfig:
+    def replace(self, **changes: Any) -> DecoderConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -111,6 +112,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """Number of slots per row."""
         return self.k.shape[2]
 
 
@@ -172,13 +174,13 @@ class Attention(nnx.Module):
         x: jax.Array,
         positions: jax.Array,
         allowed: jax.Array,
-        past: tuple[jax.Array, jax.Array] | None = None,
-        start: jax.Array | None = None,
+        past: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x [B, T, D], positions [B, T], allowed [B, T, S] -> (out [B, T, D], keys and values attended).
 
-        Without `past`, S = T and the keys are this call's. With past = (k, v) [B, S, K, Dh], this
-        call's keys/values are first written into slots start..start+T and all S slots are attended.
+        Without `past`, S = T and the keys are this call's. With past = (k, v, start), k/v
+        [B, S, K, Dh], this call's keys/values are first written into slots start..start+T and all
+        S slots are attended.
         """
         b, t, _ = x.shape
         cfg = self.cfg
@@ -186,8 +188,9 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = self.v_proj(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         if past is not None:
-            k = jax.lax.dynamic_update_slice(past[0], k.astype(past[0].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), (0, start, 0, 0))
+            k_past, v_past, start = past
+            k = jax.lax.dynamic_update_slice(k_past, k.astype(k_past.dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_past, v.astype(v_past.dtype), (0, start, 0, 0))
         return self.o_proj(grouped_attention(q, k, v, allowed)), (k, v)
 
 
@@ -271,11 +274,13 @@ class DecoderBlock(nnx.Module):
         positions: jax.Array,
         allowed: jax.Array,
         mask: jax.Array,
-        past: tuple[jax.Array, jax.Array] | None = None,
-        start: jax.Array | None = None,
+        past: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
-        """-> (x [B, T, D], MoE load-balancing loss [] (0 when dense), keys and values attended)."""
-        attended, kv = self.attn(self.attn_norm(x), positions, allowed, past, start)
+        """-> (x [B, T, D], MoE load-balancing loss [] (0 when dense), keys and values attended).
+
+        past: as in Attention, this layer's cached (k, v, start) when extending a KVCache.
+        """
+        attended, kv = self.attn(self.attn_norm(x), positions, allowed, past)
         x = x + attended
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEFeedForward):
@@ -353,7 +358,7 @@ class Decoder(nnx.Module):
         x = self.embed(tokens)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            x, _, (k, v) = layer(x, positions, allowed, mask, (cache.k[:, i], cache.v[:, i]), start)
+            x, _, (k, v) = layer(x, positions, allowed, mask, (cache.k[:, i], cache.v[:, i], start))
             keys.append(k)
             values.append(v)
         new_cache = KVCache(
