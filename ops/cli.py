@@ -193,6 +193,33 @@ def tokenize_assign(ctx: click.Context, every: str | None) -> None:
     assign(_config(ctx), every=every)
 
 
+# -- trainer --------------------------------------------------------------------------------
+@cli.group()
+def train() -> None:
+    """The decoder LM: continued pre-training (CPT) on the system's own events and SIDs."""
+
+
+@train.command("cpt")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="CPT steps (default from config).")
+@click.option("--init", type=click.Choice(["random", "smollm2"]), default=None,
+              help="Random init, or SmolLM2-135M's first --keep-layers layers (default from config).")
+@click.option("--keep-layers", type=click.IntRange(min=1, max=30), default=None)
+@click.pass_context
+def train_cpt(ctx: click.Context, steps: int | None, init: str | None, keep_layers: int | None) -> None:
+    """Next-token training on a 50/50 mixture of user behaviour sequences (SIDs with reward tokens,
+    from the training log) and item metadata documents (SID next to title, both directions),
+    with the newest SID version; writes an orbax checkpoint and manifest under
+    <state>/checkpoints/cpt/<n>."""
+    from ops.train_jobs import train_cpt as run
+
+    cfg = _config(ctx)
+    changes = {k: v for k, v in {"cpt_steps": steps, "init": init, "keep_layers": keep_layers}.items()
+               if v is not None}
+    if changes:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update=changes)})
+    run(cfg)
+
+
 # -- the main job ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)
@@ -244,6 +271,56 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
     from ops.bench.sid import run
 
     run(_config(ctx), datasets, steps, output)
+
+
+@bench.command("quality")
+@click.option("--dataset", "datasets", multiple=True, type=click.Choice(DATASETS),
+              default=("movielens-100k", "amazon-beauty"), show_default=True, help="Data sets to run (repeatable).")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["sasrec", "r1", "cr1", "cr2"]),
+              default=("sasrec", "r1", "cr1", "cr2"), show_default=True,
+              help="Rows: SASRec; PLUM R1 (random init), CR1 (random init + CPT), CR2 (SmolLM2 init + CPT).")
+@click.option("--sft-steps", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--cpt-steps", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
+              help="Decoder size of the randomly initialised rows.")
+@click.option("--keep-layers", type=click.IntRange(min=1, max=30), default=2, show_default=True,
+              help="SmolLM2 layers kept for CR2 (all 30 do not train on a CPU in reasonable time).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,
+              help="SASRec's epoch budget (early stopping on validation Recall@10).")
+@click.option("--sid-steps", type=click.IntRange(min=1), default=None, help="RQ-VAE steps (default from config).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
+@click.pass_context
+def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple[str, ...], sft_steps: int,
+                  cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, sasrec_epochs: int,
+                  sid_steps: int | None, output: str | None) -> None:
+    """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
+    CR2) trained on the same split in the same run, with each model's effective vocabulary."""
+    from ops.bench.quality import QualityRun, run
+
+    run(_config(ctx), QualityRun(datasets, variants, sft_steps, cpt_steps, model_size, keep_layers, batch_size,
+                                 sasrec_epochs, sid_steps), output)
+
+
+@bench.command("train")
+@click.option("--size", "sizes", multiple=True, type=click.Choice(["tiny", "small", "base"]),
+              default=("small", "base"), show_default=True, help="Named decoder sizes (repeatable).")
+@click.option("--vocab", type=click.IntRange(min=16), default=8192, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--length", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps per size.")
+@click.option("--peak-size", type=click.IntRange(min=128), default=2048, show_default=True,
+              help="Side of the square float32 matmul that measures the peak.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/train.json, which also updates the README table).")
+def bench_train(sizes: tuple[str, ...], vocab: int, batch: int, length: int, steps: int, peak_size: int,
+                output: str | None) -> None:
+    """Training tokens/s and model FLOPs utilisation of the shared CPT/SFT step against a float32
+    matmul peak measured in the same run (GPU results go to train-gpu.json when run on one)."""
+    from ops.bench.train import run
+
+    run(sizes, vocab, batch, length, steps, peak_size, output)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from features.config import FeastConfig
 from ingest.config import KafkaConfig, PipelineConfig
 from tokenizer.config import TokenizeSettings
+from trainer.config import TrainerSettings
 from ops.errors import ConfigError
 
 ENV_PREFIX = "PLUM_"
@@ -57,6 +58,10 @@ class PathsConfig(BaseModel):
         return self.state("sid")
 
     @property
+    def checkpoint_dir(self) -> Path:
+        return self.state("checkpoints")
+
+    @property
     def stack_file(self) -> Path:
         return self.state("stack.json")
 
@@ -71,6 +76,7 @@ class PlumConfig(BaseModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     feast: FeastConfig = Field(default_factory=FeastConfig)
     tokenizer: TokenizeSettings = Field(default_factory=TokenizeSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
 
     @property
     def feast_repo_dir(self) -> Path:

@@ -92,7 +92,6 @@ class SIDTrie:
             parent, n_parents = child, len(unique_keys)
         self.children: tuple[np.ndarray | jax.Array, ...] = tuple(children)
         self.ranges: tuple[tuple[int, int], ...] = ranges
-        self.num_items: int = len(tokens)
 
     @property
     def depth(self) -> int:
@@ -118,15 +117,15 @@ class SIDTrie:
                 return -1
         return node
 
-    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[tuple[tuple[int, int], ...], int]]:
-        """Pytree protocol: the tables are leaves; the ranges and the item count are static."""
-        return self.children, (self.ranges, self.num_items)
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[tuple[int, int], ...]]:
+        """Pytree protocol: the tables are leaves, the ranges static (so equal shapes share a compilation)."""
+        return self.children, self.ranges
 
     @classmethod
-    def tree_unflatten(cls, aux: tuple[tuple[tuple[int, int], ...], int], children: Sequence[Any]) -> "SIDTrie":
+    def tree_unflatten(cls, ranges: tuple[tuple[int, int], ...], children: Sequence[Any]) -> "SIDTrie":
         """Pytree protocol: rebuild around new leaves (tracers, device arrays) without re-validating."""
         trie = object.__new__(cls)
-        trie.children, (trie.ranges, trie.num_items) = tuple(children), aux
+        trie.children, trie.ranges = tuple(children), ranges
         return trie
 
 
@@ -200,7 +199,7 @@ def beam_search(
             cache = jax.tree.map(lambda a: a[rows] if a.ndim else a, cache)
             logits, cache = step_fn(token.reshape(-1, 1), jnp.ones((batch * beam_width, 1), bool), cache)
             last_logits = logits[:, -1, :].astype(jnp.float32).reshape(batch, beam_width, vocab)
-    alive = scores > -jnp.inf
+    alive = scores > -jnp.inf  # dead: no valid path left, or the model gave a valid token probability 0
     return BeamResult(
         sequences=jnp.where(alive[..., None], sequences, -1),
         scores=scores,

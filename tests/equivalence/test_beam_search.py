@@ -214,11 +214,11 @@ def test_constrained_beams_are_valid_distinct_items_best_first(seed):
 def test_fewer_items_than_beams_leaves_dead_beams_at_minus_infinity():
     sids = catalogue(4, 3)
     trie, model = make_trie(sids), ToyModel(4)
-    tokens, mask = prompts(4, [4, 4])
-    result = search(model, tokens, mask, trie, beam_width=5)
+    tokens, mask = prompts(4, [4, 4, 4])
+    result = search(model, tokens, mask, trie, beam_width=4)
     for row in range(len(tokens)):
         reference = teacher_forced(model, tokens[row], np.array(sids))
-        np.testing.assert_array_equal(result.items[row], list(np.argsort(-reference)) + [-1, -1])
+        np.testing.assert_array_equal(result.items[row], list(np.argsort(-reference)) + [-1])
         np.testing.assert_allclose(result.scores[row, :3], np.sort(reference)[::-1], atol=1e-5)
         assert np.all(result.scores[row, 3:] == -np.inf) and np.all(result.sequences[row, 3:] == -1)
 
@@ -247,16 +247,16 @@ def test_unconstrained_search_reports_invalid_sids_only_when_the_model_prefers_t
 def test_left_padded_batch_matches_each_prompt_alone():
     sids = catalogue(6, 40)
     trie, model = make_trie(sids), ToyModel(6)
-    tokens, mask = prompts(6, [2, 7, 2])  # the two short prompts share one unpadded shape
-    batch = search(model, tokens, mask, trie, beam_width=6)
+    tokens, mask = prompts(6, [2, 6, 2, 6, 2])  # one unpadded shape per length: fewer compilations
+    batch = search(model, tokens, mask, trie, beam_width=8)
     for row in range(len(tokens)):
         prompt = tokens[row][mask[row]][None]
-        alone = search(model, prompt, np.ones(prompt.shape, bool), trie, beam_width=6)
+        alone = search(model, prompt, np.ones(prompt.shape, bool), trie, beam_width=8)
         np.testing.assert_array_equal(batch.items[row], alone.items[0])
         np.testing.assert_allclose(batch.scores[row], alone.scores[0], atol=1e-5)
 
 
-def test_search_compiles_once_per_prompt_shape():
+def test_search_compiles_once_per_prompt_shape_and_trie_bucket():
     sids = catalogue(7, 20)
     trie, model = make_trie(sids), ToyModel(7)
     traces = []
@@ -269,6 +269,8 @@ def test_search_compiles_once_per_prompt_shape():
     for seed in range(3):
         run(*prompts(seed, [3, 5]), trie)
     assert len(traces) == DEPTH  # one prefill and D - 1 decode steps, traced once
+    run(*prompts(1, [3, 5]), make_trie(catalogue(9, 25)))  # a grown catalogue within the same node buckets
+    assert len(traces) == DEPTH
     run(*prompts(0, [3, 6]), trie)
     assert len(traces) == 2 * DEPTH
 

@@ -1,0 +1,47 @@
+"""Wiring of the trainer for the CLI: the training log, the newest SID table, titles from Feast,
+the SmolLM2 asset, checkpoints under <state>/checkpoints/<stage>/<n>."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from features import FeatureStoreClient
+from ingest.training_log import read_training_log
+from ops.assets import fetch_asset
+from ops.config import PlumConfig
+from ops.errors import PlumError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def next_checkpoint(root: Path) -> Path:
+    """<root>/<n+1>, where n is the newest complete numbered checkpoint."""
+    done = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    return root / str(max(done, default=0) + 1)
+
+
+def train_cpt(cfg: PlumConfig) -> Path:
+    """`plum train cpt`: continued pre-training on the logged events and the newest SID version."""
+    from tokenizer.sid_table import SIDTableError, load_table
+    from trainer.jobs import TrainingDataError, build_corpus, run_cpt
+    from trainer.warm_start import TextTokenizer
+
+    try:
+        table = load_table(cfg.paths.sid_dir)
+    except SIDTableError as exc:
+        raise PlumError(str(exc)) from None
+    store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
+    metadata = store.latest_offline("item_metadata")
+    titles = dict(zip(metadata["item_id"].astype(str), metadata["title"].fillna(""))) if not metadata.empty else {}
+    gguf = fetch_asset("smollm2", Path(cfg.paths.cache_dir)) / GGUF_NAME
+    tokenizer = TextTokenizer.from_gguf(gguf)
+    try:
+        corpus = build_corpus(read_training_log(cfg.paths.training_log_dir), table, titles, tokenizer.encode)
+    except TrainingDataError as exc:
+        raise PlumError(str(exc)) from None
+    target = next_checkpoint(cfg.paths.checkpoint_dir / "cpt")
+    path = run_cpt(target, corpus, cfg.trainer, gguf, (tokenizer.bos_id, tokenizer.eos_id), say=click.echo)
+    click.echo(f"train cpt: wrote {path}")
+    return path

@@ -1,0 +1,95 @@
+"""The trainer's jobs over the running system's data: the training log (events with rewards), the
+newest SID table and the catalogue's titles become a corpus; CPT on it writes a checkpoint.
+
+Where the inputs come from (files, Feast) is the caller's business; this module gets DataFrames
+and a SID table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import pandas as pd
+from flax import nnx
+
+from tokenizer.sid_table import SIDTable
+from trainer.checkpoint import save_model
+from trainer.config import TrainerSettings
+from trainer.data import Catalogue, RewardedSequences
+from trainer.retrieval import RetrievalSettings, init_model, make_catalogue, text_vocabulary, train_stages
+from trainer.vocab import VocabLayout
+
+Say = Callable[[str], None]
+PROMPT_FORMAT = "behaviour-v1"  # <bos> [<ctx> features] <hist> SID r SID r ... (trainer/data.py)
+
+
+class TrainingDataError(Exception):
+    """The training data cannot make a corpus (no events, no SIDs for the items)."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Everything a training stage needs, with where it came from."""
+
+    layout: VocabLayout
+    catalogue: Catalogue
+    item_ids: tuple[str, ...]
+    user_ids: tuple[str, ...]
+    sequences: RewardedSequences
+    sid_version: int
+    watermark: dict[str, Any]
+
+
+def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], encode: Callable[[str], list[int]],
+                 ) -> Corpus:
+    """Per-user sequences (event time order, then partition offset) of the items that have a SID."""
+    if log.empty:
+        raise TrainingDataError("The training log is empty: replay events and run `plum pipeline` first.")
+    item_ids = tuple(sorted(table.codes))
+    index = {item: k for k, item in enumerate(item_ids)}
+    known = log["item_id"].isin(index)
+    if not known.any():
+        raise TrainingDataError(f"No logged item has a SID in version {table.version}; run `plum tokenize assign`.")
+    events = log[known].sort_values(["user_id", "event_time", "kafka_partition", "kafka_offset"], kind="stable")
+    users, sequences, rewards = [], [], []
+    for user, group in events.groupby("user_id", sort=True):
+        users.append(str(user))
+        sequences.append(group["item_id"].map(index).to_numpy(np.int32))
+        rewards.append(group["reward"].to_numpy(np.float32))
+    encoded = [encode(titles.get(item) or "") if titles.get(item) else [] for item in item_ids]
+    layout = VocabLayout(tuple(table.codebook_sizes), table.suffix_size, text_ids=text_vocabulary(encoded))
+    sids = np.array([table.sid(item) for item in item_ids], np.int64)
+    offsets = log.groupby("kafka_partition")["kafka_offset"].max()
+    watermark = {"event_time": log["event_time"].max().isoformat(), "events": int(len(log)),
+                 "offsets": {str(int(p)): int(o) for p, o in offsets.items()}}
+    return Corpus(layout, make_catalogue(layout, sids, encoded), item_ids, tuple(users),
+                  RewardedSequences(tuple(sequences), tuple(rewards)), table.version, watermark)
+
+
+def run_cpt(target: Path, corpus: Corpus, settings: TrainerSettings, gguf_path: Path | None,
+            bos_eos: tuple[int, int] | None, say: Say = print) -> Path:
+    """Continued pre-training from random init or SmolLM2, written as a checkpoint at `target`."""
+    retrieval = RetrievalSettings(model_size=settings.model_size, init=settings.init, keep_layers=settings.keep_layers,
+                                  cpt_steps=settings.cpt_steps, sft_steps=0, batch_size=settings.batch_size,
+                                  learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+                                  max_history=settings.max_history, seed=settings.seed)
+    model = init_model(retrieval, corpus.layout, gguf_path, bos_eos)
+    say(f"train cpt: {len(corpus.user_ids):,} users, {len(corpus.item_ids):,} items, SID version "
+        f"{corpus.sid_version}, vocabulary {corpus.layout.size:,}, {settings.init} init, "
+        f"{sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters")
+    model, histories = train_stages(model, retrieval, corpus.layout, corpus.catalogue, corpus.sequences, say)
+    manifest = {
+        "stage": "cpt", "vocabulary": corpus.layout.to_json(), "sid_version": corpus.sid_version,
+        "item_ids": list(corpus.item_ids),
+        "prompt_schema": {"format": PROMPT_FORMAT, "max_history": settings.max_history, "features": []},
+        "data_watermark": corpus.watermark, "eval": {}, "training": {"settings": settings.model_dump(mode="json"),
+                                                                       "final_loss": histories["cpt"][-1]["loss"]},
+        "parent_checkpoint": "smollm2-135m" if settings.init == "smollm2" else None,
+        "retrieval_settings": dataclasses.asdict(retrieval),
+    }
+    return save_model(target, model, manifest)
