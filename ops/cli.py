@@ -307,7 +307,7 @@ def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple
 @click.option("--size", "sizes", multiple=True, type=click.Choice(["tiny", "small", "base"]),
               default=("small", "base"), show_default=True, help="Named decoder sizes (repeatable).")
 @click.option("--vocab", type=click.IntRange(min=16), default=8192, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--length", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps per size.")
 @click.option("--peak-size", type=click.IntRange(min=128), default=2048, show_default=True,

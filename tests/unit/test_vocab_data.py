@@ -139,3 +139,13 @@ def test_cpt_mixture_holds_both_kinds_of_documents():
                              rng=np.random.default_rng(0)))
     behaviour = (batch["tokens"][:, 1] == HIST).mean()
     assert 0.4 < behaviour < 0.6
+
+
+def test_sft_batches_group_windows_by_length():
+    layout = _layout()
+    cat = _catalogue(layout)
+    seqs = RewardedSequences((np.array([0, 1]), np.arange(16) % 4), (np.ones(2), np.ones(16)))
+    batches = sft_batches(layout, cat, seqs, batch_size=4, max_history=15, buckets=(16, 32, 128),
+                          rng=np.random.default_rng(0))
+    widths = {next(batches)["tokens"].shape[1] for _ in range(40)}
+    assert 16 in widths and 128 in widths  # short windows are not padded to the longest bucket
