@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_tokens, left_pad, prefix_length, sft_batches
-from trainer.decoding import SIDTrie, beam_search
+from trainer.decoding import BeamResult, SIDTrie, beam_search
 from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
 from trainer.model import DECODER_SIZES, Decoder
 from trainer.train import OptimConfig, TrainLoop
@@ -119,11 +119,11 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
     return model, histories
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _search(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, trie: SIDTrie,
-            beam_width: int):
+            beam_width: int, constrained: bool) -> BeamResult:
     model = nnx.merge(graphdef, state)
-    return beam_search(model.extend, model.init_cache, tokens, mask, trie, beam_width)
+    return beam_search(model.extend, model.init_cache, tokens, mask, trie, beam_width, constrained)
 
 
 class Recommender:
@@ -136,8 +136,9 @@ class Recommender:
         self.prompt_length = prefix_length(layout) + max_history * (layout.sid_depth + 1)
 
     def search(self, histories: Sequence[Sequence[int]], rewards: Sequence[Sequence[float]], beam_width: int,
-               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Beam items [n, beam_width] (dense indices, -1 for none) and their scores, batch by batch."""
+               batch_size: int, constrained: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Beam items [n, beam_width] (dense indices, -1 for none or, unconstrained, for an invalid SID)
+        and their scores, batch by batch."""
         items, scores = [], []
         for start in range(0, len(histories), batch_size):
             prompts = [history_tokens(self.layout, self.catalogue, h[-self.max_history:], r[-self.max_history:])
@@ -145,7 +146,8 @@ class Recommender:
             real = len(prompts)
             prompts += [prompts[-1]] * (batch_size - real)  # a fixed batch shape compiles once
             tokens, mask = left_pad(prompts, self.prompt_length)
-            result = _search(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask), self.trie, beam_width)
+            result = _search(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask), self.trie, beam_width,
+                             constrained)
             items.append(np.asarray(result.items)[:real])
             scores.append(np.asarray(result.scores)[:real])
         return np.concatenate(items), np.concatenate(scores)
@@ -162,11 +164,21 @@ def top_k_unseen(beam_items: np.ndarray, seen: Sequence[np.ndarray] | None, k: i
 
 
 def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequence[float]], beam_width: int,
-             batch_size: int, exclude_seen: bool = True, k: int = 10) -> tuple[dict[str, float], np.ndarray]:
-    """Recall/NDCG@5/10 and the effective vocabulary of the top-k lists; returns (metrics, ranked)."""
+             batch_size: int, exclude_seen: bool = True, k: int = 10, invalid_rate_users: int = 0
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """Recall/NDCG@5/10 and the effective vocabulary of the top-k lists; returns (metrics, ranked).
+
+    With invalid_rate_users > 0, the first that many users also get an unconstrained search of
+    k beams, whose share of SIDs that map to no item is the model's invalid-SID rate (the
+    constrained search's is 0 by construction).
+    """
     beams, _ = recommender.search(eval_set.histories, rewards, beam_width, batch_size)
     ranked = top_k_unseen(beams, eval_set.seen if exclude_seen else None, k)
     metrics = rank_metrics(ranked, eval_set.targets, ks=tuple(sorted({min(5, k), k})))
     metrics["effective_vocabulary"] = effective_vocabulary(ranked)
     metrics["users"] = len(ranked)
+    if invalid_rate_users:
+        n = min(invalid_rate_users, len(ranked))
+        free, scores = recommender.search(eval_set.histories[:n], rewards[:n], k, batch_size, constrained=False)
+        metrics["invalid_sid_rate_unconstrained"] = float((free[np.isfinite(scores)] < 0).mean())
     return metrics, ranked
