@@ -200,7 +200,7 @@ def top_k_excluding(
         if len(exclude) != n_users:
             raise ValueError(f"exclude needs one item array per user ({n_users}), got {len(exclude)}")
         lengths = [len(items) for items in exclude]
-        columns = np.concatenate([np.asarray(items, np.int64) for items in exclude]) if n_users else np.zeros(0, np.int64)
+        columns = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(items, np.int64) for items in exclude])
         if columns.size and (columns.min() < 0 or columns.max() >= n_items):
             raise ValueError(f"excluded item indices must lie in 0..{n_items - 1}")
         excluded[np.repeat(np.arange(n_users), lengths), columns] = True

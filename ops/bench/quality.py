@@ -138,9 +138,11 @@ def _plum_row(variant: str, data: dict[str, Any], run: QualityRun, gguf: Path, t
 
 
 def _sasrec_row(data: dict[str, Any], run: QualityRun) -> dict[str, Any]:
-    cfg = SASRecConfig(n_items=data["split"].n_items, max_len=MAX_HISTORY, epochs=run.sasrec_epochs)
+    # Early stopping on validation Recall@10 (checked every 2 epochs, patience 3) ends the run.
+    cfg = SASRecConfig(n_items=data["split"].n_items, max_len=MAX_HISTORY, epochs=run.sasrec_epochs, eval_every=2)
     started = time.monotonic()
-    model, _ = train_sasrec(data["split"], cfg, progress=lambda m: click.echo(f"sasrec: {m}"))
+    model, _ = train_sasrec(data["split"], cfg, progress=lambda row: click.echo(
+        "sasrec: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())))
     trained = time.monotonic() - started
     metrics = evaluate_sasrec(model, data["split"], "test")
     return {"row": "SASRec (in-project, same split)", "variant": "sasrec", "settings": dataclasses.asdict(cfg),
