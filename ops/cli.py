@@ -196,7 +196,8 @@ def tokenize_assign(ctx: click.Context, every: str | None) -> None:
 # -- trainer --------------------------------------------------------------------------------
 @cli.group()
 def train() -> None:
-    """The decoder LM: continued pre-training (CPT) on the system's own events and SIDs."""
+    """The decoder LM: continued pre-training (CPT), then generative-retrieval SFT, on the system's
+    own events and SIDs."""
 
 
 @train.command("cpt")
@@ -218,6 +219,24 @@ def train_cpt(ctx: click.Context, steps: int | None, init: str | None, keep_laye
     if changes:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update=changes)})
     run(cfg)
+
+
+@train.command("sft")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="SFT steps (default from config).")
+@click.option("--from", "cpt_dir", type=click.Path(file_okay=False), default=None,
+              help="CPT checkpoint directory (default: the newest under <state>/checkpoints/cpt).")
+@click.pass_context
+def train_sft(ctx: click.Context, steps: int | None, cpt_dir: str | None) -> None:
+    """Generative-retrieval SFT from a CPT checkpoint: predict each next item's SID from the user's
+    history, targets drawn in proportion to reward; each user's last event is held out and the
+    Recall/NDCG@10 of constrained beam search on it goes into the manifest. Writes
+    <state>/checkpoints/sft/<n>."""
+    from ops.train_jobs import train_sft as run
+
+    cfg = _config(ctx)
+    if steps is not None:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"sft_steps": steps})})
+    run(cfg, cpt_dir)
 
 
 # -- the main job ---------------------------------------------------------------------------

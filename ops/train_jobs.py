@@ -22,6 +22,44 @@ def next_checkpoint(root: Path) -> Path:
     return root / str(max(done, default=0) + 1)
 
 
+def _titles(cfg: PlumConfig) -> dict[str, str]:
+    metadata = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast).latest_offline("item_metadata")
+    return dict(zip(metadata["item_id"].astype(str), metadata["title"].fillna(""))) if not metadata.empty else {}
+
+
+def newest_checkpoint(root: Path) -> Path:
+    """The newest complete numbered checkpoint under root."""
+    done = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not done:
+        raise PlumError(f"No checkpoint in {root}; run `plum train cpt` first.")
+    return root / str(done[-1])
+
+
+def train_sft(cfg: PlumConfig, cpt_dir: Path | None = None) -> Path:
+    """`plum train sft`: generative-retrieval SFT from a CPT checkpoint (default: the newest)."""
+    from tokenizer.sid_table import SIDTableError, load_table
+    from trainer.checkpoint import CheckpointError, read_manifest
+    from trainer.jobs import TrainingDataError, build_corpus, run_sft
+    from trainer.vocab import VocabLayout
+    from trainer.warm_start import TextTokenizer
+
+    cpt_dir = Path(cpt_dir) if cpt_dir else newest_checkpoint(cfg.paths.checkpoint_dir / "cpt")
+    try:
+        manifest = read_manifest(cpt_dir)
+        table = load_table(cfg.paths.sid_dir, manifest["sid_version"])
+    except (CheckpointError, SIDTableError) as exc:
+        raise PlumError(str(exc)) from None
+    tokenizer = TextTokenizer.from_gguf(fetch_asset("smollm2", Path(cfg.paths.cache_dir)) / GGUF_NAME)
+    try:
+        corpus = build_corpus(read_training_log(cfg.paths.training_log_dir), table, _titles(cfg), tokenizer.encode,
+                              VocabLayout.from_json(manifest["vocabulary"]))
+    except TrainingDataError as exc:
+        raise PlumError(str(exc)) from None
+    path = run_sft(next_checkpoint(cfg.paths.checkpoint_dir / "sft"), cpt_dir, corpus, cfg.trainer, say=click.echo)
+    click.echo(f"train sft: wrote {path}")
+    return path
+
+
 def train_cpt(cfg: PlumConfig) -> Path:
     """`plum train cpt`: continued pre-training on the logged events and the newest SID version."""
     from tokenizer.sid_table import SIDTableError, load_table
@@ -32,13 +70,10 @@ def train_cpt(cfg: PlumConfig) -> Path:
         table = load_table(cfg.paths.sid_dir)
     except SIDTableError as exc:
         raise PlumError(str(exc)) from None
-    store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
-    metadata = store.latest_offline("item_metadata")
-    titles = dict(zip(metadata["item_id"].astype(str), metadata["title"].fillna(""))) if not metadata.empty else {}
     gguf = fetch_asset("smollm2", Path(cfg.paths.cache_dir)) / GGUF_NAME
     tokenizer = TextTokenizer.from_gguf(gguf)
     try:
-        corpus = build_corpus(read_training_log(cfg.paths.training_log_dir), table, titles, tokenizer.encode)
+        corpus = build_corpus(read_training_log(cfg.paths.training_log_dir), table, _titles(cfg), tokenizer.encode)
     except TrainingDataError as exc:
         raise PlumError(str(exc)) from None
     target = next_checkpoint(cfg.paths.checkpoint_dir / "cpt")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrainerSettings(BaseModel):
-    """What `plum train cpt` trains: the model, its initialisation and the CPT stage."""
+    """What `plum train cpt` and `plum train sft` train: the model, its initialisation, the stages."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -16,9 +16,10 @@ class TrainerSettings(BaseModel):
     model_size: Literal["tiny", "small", "base"] = "small"
     keep_layers: int = Field(2, ge=1, le=30)  # SmolLM2 layers kept by a warm start
     cpt_steps: int = Field(1000, ge=1)
+    sft_steps: int = Field(1000, ge=1)
+    eval_users: int = Field(2000, ge=1)  # held-out users evaluated after SFT (beam search is the slow part)
     batch_size: int = Field(64, ge=2)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     max_history: int = Field(20, ge=1)
-    behaviour_share: float = Field(0.5, ge=0, le=1)  # the paper's 50/50 CPT mixture
     seed: int = 0

@@ -18,10 +18,13 @@ import pandas as pd
 from flax import nnx
 
 from tokenizer.sid_table import SIDTable
-from trainer.checkpoint import save_model
+from trainer.checkpoint import load_model, save_model
 from trainer.config import TrainerSettings
 from trainer.data import Catalogue, RewardedSequences
-from trainer.retrieval import RetrievalSettings, init_model, make_catalogue, text_vocabulary, train_stages
+from trainer.evaluate import EvalSet, UserSequences, leave_one_out
+from trainer.retrieval import (
+    Recommender, RetrievalSettings, evaluate, init_model, make_catalogue, text_vocabulary, train_stages,
+)
 from trainer.vocab import VocabLayout
 
 Say = Callable[[str], None]
@@ -46,8 +49,12 @@ class Corpus:
 
 
 def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], encode: Callable[[str], list[int]],
-                 ) -> Corpus:
-    """Per-user sequences (event time order, then partition offset) of the items that have a SID."""
+                 layout: VocabLayout | None = None) -> Corpus:
+    """Per-user sequences (event time order, then partition offset) of the items that have a SID.
+
+    Without `layout` the vocabulary is made for this corpus (CPT); with one (a checkpoint's), the
+    corpus is written in it, and a SID that does not fit it is an error.
+    """
     if log.empty:
         raise TrainingDataError("The training log is empty: replay events and run `plum pipeline` first.")
     item_ids = tuple(sorted(table.codes))
@@ -62,13 +69,54 @@ def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], enc
         sequences.append(group["item_id"].map(index).to_numpy(np.int32))
         rewards.append(group["reward"].to_numpy(np.float32))
     encoded = [encode(titles.get(item) or "") if titles.get(item) else [] for item in item_ids]
-    layout = VocabLayout(tuple(table.codebook_sizes), table.suffix_size, text_ids=text_vocabulary(encoded))
+    if layout is None:
+        layout = VocabLayout(tuple(table.codebook_sizes), table.suffix_size, text_ids=text_vocabulary(encoded))
+    elif layout.codebook_sizes != tuple(table.codebook_sizes) or layout.suffix_size < table.suffix_size:
+        raise TrainingDataError(f"SID version {table.version} ({table.codebook_sizes}, {table.suffix_size} suffixes) "
+                                "does not fit the checkpoint's vocabulary; run `plum train cpt` on it first.")
     sids = np.array([table.sid(item) for item in item_ids], np.int64)
     offsets = log.groupby("kafka_partition")["kafka_offset"].max()
     watermark = {"event_time": log["event_time"].max().isoformat(), "events": int(len(log)),
                  "offsets": {str(int(p)): int(o) for p, o in offsets.items()}}
     return Corpus(layout, make_catalogue(layout, sids, encoded), item_ids, tuple(users),
                   RewardedSequences(tuple(sequences), tuple(rewards)), table.version, watermark)
+
+
+def holdout_last(corpus: Corpus, max_history: int) -> tuple[RewardedSequences, EvalSet, list[np.ndarray]]:
+    """Leave-one-out for a one-shot SFT: each user's last event is held out for evaluation, the
+    second-to-last for validation (unused here), the rest trains. Returns (train, test, test rewards)."""
+    split = leave_one_out(UserSequences(np.array(corpus.user_ids, object), np.array(corpus.item_ids, object),
+                                        corpus.sequences.items), max_history)
+    rewards = corpus.sequences.rewards
+    train = RewardedSequences(split.train, tuple(r[:len(t)] for r, t in zip(rewards, split.train)))
+    test = split.test
+    test_rewards = [rewards[u][len(corpus.sequences.items[u]) - 1 - len(h):len(corpus.sequences.items[u]) - 1]
+                    for u, h in zip(test.users, test.histories)]
+    return train, test, test_rewards
+
+
+def run_sft(target: Path, cpt_dir: Path, corpus: Corpus, settings: TrainerSettings, say: Say = print) -> Path:
+    """SFT from a CPT checkpoint on the corpus (written in the checkpoint's vocabulary), evaluated
+    on each user's held-out last event (at most `eval_users` users), written as a checkpoint."""
+    model, parent = load_model(cpt_dir)
+    retrieval = RetrievalSettings(model_size=settings.model_size, init=settings.init, keep_layers=settings.keep_layers,
+                                  sft_steps=settings.sft_steps, batch_size=settings.batch_size,
+                                  learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+                                  max_history=settings.max_history, seed=settings.seed)
+    train, test, test_rewards = holdout_last(corpus, settings.max_history)
+    say(f"train sft: from {cpt_dir}, {len(train.items):,} users, {len(test.targets):,} held-out last events")
+    model, histories = train_stages(model, retrieval, corpus.layout, corpus.catalogue, train, say)
+    n = min(settings.eval_users, len(test.targets))
+    sample = EvalSet(test.users[:n], test.histories[:n], test.targets[:n], test.seen[:n])
+    metrics, _ = evaluate(Recommender(model, corpus.layout, corpus.catalogue, settings.max_history), sample,
+                          test_rewards[:n], retrieval.beam_width, retrieval.eval_batch, invalid_rate_users=n)
+    say("train sft: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    manifest = {**{k: parent[k] for k in ("vocabulary", "sid_version", "prompt_schema") if k in parent},
+                "stage": "sft", "item_ids": list(corpus.item_ids), "data_watermark": corpus.watermark,
+                "eval": {"protocol": "each user's last event held out", **metrics},
+                "training": {"settings": settings.model_dump(mode="json"), "final_loss": histories["sft"][-1]["loss"]},
+                "parent_checkpoint": str(cpt_dir)}
+    return save_model(target, model, manifest)
 
 
 def run_cpt(target: Path, corpus: Corpus, settings: TrainerSettings, gguf_path: Path | None,

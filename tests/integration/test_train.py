@@ -17,7 +17,7 @@ from ops.datasets import load_dataset
 from ops.errors import PlumError
 from ops.ingest_jobs import run_pipeline
 from ops.tokenize_jobs import fit
-from ops.train_jobs import train_cpt
+from ops.train_jobs import train_cpt, train_sft
 from tokenizer.sid_table import load_table
 from trainer.checkpoint import load_model
 from trainer.vocab import VocabLayout
@@ -28,13 +28,16 @@ pytestmark = pytest.mark.integration
 def test_cpt_on_the_pipelines_log_writes_a_complete_checkpoint(plum_config):
     cfg = plum_config.model_copy(update={
         "tokenizer": plum_config.tokenizer.model_copy(update={"steps": 40, "batch_size": 128}),
-        "trainer": plum_config.trainer.model_copy(update={"model_size": "tiny", "cpt_steps": 6, "batch_size": 8,
-                                                          "warmup_steps": 2, "max_history": 5}),
+        "trainer": plum_config.trainer.model_copy(update={"model_size": "tiny", "cpt_steps": 6, "sft_steps": 6,
+                                                          "batch_size": 8, "warmup_steps": 2, "max_history": 5,
+                                                          "eval_users": 50}),
     })
     ensure_topics(cfg.kafka)
     FeatureStoreClient(cfg.feast_repo_dir, cfg.feast).apply()
     with pytest.raises(PlumError, match="tokenize fit"):
         train_cpt(cfg)  # no SID table yet: a clear error, no checkpoint
+    with pytest.raises(PlumError, match="train cpt"):
+        train_sft(cfg)  # no CPT checkpoint yet
     ds = load_dataset("movielens-100k", cfg.paths.data_dir, cfg.paths.cache_dir)
     with EventProducer(cfg.kafka) as producer:
         replay(producer, list(to_item_upserts(ds)), list(to_events(ds))[:3000])
@@ -56,3 +59,12 @@ def test_cpt_on_the_pipelines_log_writes_a_complete_checkpoint(plum_config):
     logits, _ = model(tokens, jnp.ones_like(tokens, bool))
     assert np.isfinite(np.asarray(logits)).all()
     assert train_cpt(cfg).name == "2"  # a second run never overwrites the first
+
+    sft_path = train_sft(cfg, path)
+    sft, sft_manifest = load_model(sft_path)
+    assert sft_manifest["stage"] == "sft" and sft_manifest["parent_checkpoint"] == str(path)
+    assert sft_manifest["vocabulary"] == manifest["vocabulary"] and sft.cfg == model.cfg
+    held_out = sft_manifest["eval"]
+    evaluable = int((log.groupby("user_id").size() >= 3).sum())  # users with a held-out event and history
+    assert held_out["users"] == min(50, evaluable) and 0.0 <= held_out["recall@10"] <= 1.0
+    assert held_out["invalid_sid_rate_unconstrained"] >= 0.0
