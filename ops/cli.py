@@ -323,8 +323,10 @@ def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple
 
 
 @bench.command("train")
-@click.option("--size", "sizes", multiple=True, type=click.Choice(["tiny", "small", "base"]),
-              default=("small", "base"), show_default=True, help="Named decoder sizes (repeatable).")
+@click.option("--size", "sizes", multiple=True, type=click.Choice(["tiny", "small", "base", "smollm2-135m"]),
+              default=("small", "base", "smollm2-135m"), show_default=True, help="Named decoder sizes (repeatable).")
+@click.option("--smollm2-layers", type=click.IntRange(min=1, max=30), default=2, show_default=True,
+              help="Layers of the smollm2-135m size to time (CR2 trains SmolLM2's first layers on a CPU).")
 @click.option("--vocab", type=click.IntRange(min=16), default=8192, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--length", type=click.IntRange(min=2), default=128, show_default=True)
@@ -333,13 +335,13 @@ def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple
               help="Side of the square float32 matmul that measures the peak.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/train.json, which also updates the README table).")
-def bench_train(sizes: tuple[str, ...], vocab: int, batch: int, length: int, steps: int, peak_size: int,
-                output: str | None) -> None:
+def bench_train(sizes: tuple[str, ...], smollm2_layers: int, vocab: int, batch: int, length: int, steps: int,
+                peak_size: int, output: str | None) -> None:
     """Training tokens/s and model FLOPs utilisation of the shared CPT/SFT step against a float32
     matmul peak measured in the same run (GPU results go to train-gpu.json when run on one)."""
     from ops.bench.train import run
 
-    run(sizes, vocab, batch, length, steps, peak_size, output)
+    run(sizes, vocab, batch, length, steps, peak_size, output, smollm2_layers)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,6 +90,10 @@ DECODER_SIZES: dict[str, DecoderConfig] = {
     "tiny": DecoderConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64),
     "small": DecoderConfig(vocab_size=64, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384),
     "base": DecoderConfig(vocab_size=64, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768),
+    # SmolLM2-135M's shape (the warm start reads the real values from its GGUF); for benchmarks
+    # and abstract shape checks, usually with fewer layers via cfg.replace(n_layers=k).
+    "smollm2-135m": DecoderConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                                  rope_theta=100000.0, max_len=8192),
 }
 
 

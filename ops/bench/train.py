@@ -68,13 +68,15 @@ def measure(cfg: DecoderConfig, batch: int, length: int, steps: int) -> dict[str
 
 
 def run(sizes: tuple[str, ...], vocab: int, batch: int, length: int, steps: int, peak_size: int,
-        output: str | None) -> dict[str, Any]:
+        output: str | None, smollm2_layers: int = 2) -> dict[str, Any]:
     backend = jax.default_backend()
     peak = matmul_peak(peak_size)
     click.echo(f"bench train: {backend} matmul peak {peak / 1e9:,.1f} GFLOP/s ({peak_size}x{peak_size} float32)")
     rows = []
     for size in sizes:
         cfg = DECODER_SIZES[size].replace(vocab_size=vocab)
+        if size == "smollm2-135m":
+            cfg = cfg.replace(n_layers=smollm2_layers)
         row = {"size": size, **measure(cfg, batch, length, steps)}
         flops = row["xla_flops_per_step"] or row["analytic_flops_per_step"]
         row["achieved_flops_per_s"] = flops / row["step_seconds"]
@@ -83,7 +85,8 @@ def run(sizes: tuple[str, ...], vocab: int, batch: int, length: int, steps: int,
         click.echo(f"bench train: {size}: {row['params']:,} params, {row['tokens_per_s']:,.0f} tokens/s, "
                    f"{row['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s, MFU {row['mfu']:.1%}")
     command = (f"plum bench train" + "".join(f" --size {s}" for s in sizes)
-               + f" --vocab {vocab} --batch {batch} --length {length} --steps {steps}")
+               + f" --vocab {vocab} --batch {batch} --length {length} --steps {steps}"
+               + (f" --smollm2-layers {smollm2_layers}" if "smollm2-135m" in sizes else ""))
     report = {"benchmark": "train", "command": command, "machine": {**machine(), "backend": backend,
               "devices": [str(d) for d in jax.devices()]}, "matmul_peak_flops_per_s": peak, "rows": rows,
               "target": "MFU >= 0.30 on this CPU"}
@@ -96,11 +99,12 @@ def run(sizes: tuple[str, ...], vocab: int, batch: int, length: int, steps: int,
 
 
 def readme_table(report: dict[str, Any]) -> str:
-    lines = ["| model | params | batch x length | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | layers x width | params | batch x length | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
     peak = report["matmul_peak_flops_per_s"] / 1e9
     for row in report["rows"]:
-        lines.append(f"| {row['size']} | {row['params']:,} | {row['batch']} x {row['length']} | "
+        lines.append(f"| {row['size']} | {row['config']['n_layers']} x {row['config']['dim']} | {row['params']:,} | "
+                     f"{row['batch']} x {row['length']} | "
                      f"{row['tokens_per_s']:,.0f} | {row['achieved_flops_per_s'] / 1e9:,.1f} | {peak:,.1f} | "
                      f"{row['mfu']:.1%} |")
     lines.append(f"\nMeasured {report['machine']['measured_at']} on {report['machine']['backend']} "
