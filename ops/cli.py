@@ -281,15 +281,20 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
 @click.option("--dataset", "datasets", multiple=True, type=click.Choice(DATASETS),
               default=("movielens-100k", "amazon-beauty"), show_default=True, help="Data sets to run (repeatable).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="RQ-VAE training steps per row.")
+@click.option("--recall-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train PLUM R1 for this many SFT steps on each row's SIDs and report test Recall@10 (0: skip).")
+@click.option("--recall-users", type=click.IntRange(min=1), default=None,
+              help="Evaluate the Recall@10 column on the first N test users (default: all).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/sid.json, which also updates the README table).")
 @click.pass_context
-def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, output: str | None) -> None:
+def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, recall_steps: int,
+              recall_users: int | None, output: str | None) -> None:
     """The SID-v2 ablation: SIDv1 (plain RQ-VAE on text), then multi-resolution, progressive masking,
     multi-modal fusion and co-occurrence in turn; uniqueness, utilisation, shared first codes."""
     from ops.bench.sid import run
 
-    run(_config(ctx), datasets, steps, output)
+    run(_config(ctx), datasets, steps, output, recall_steps, recall_users)
 
 
 @bench.command("quality")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,13 @@ import click
 import numpy as np
 import pandas as pd
 
-from ingest.datasets import Dataset, to_events
 from ops.assets import fetch_asset
+from ops.bench.protocol import MAX_HISTORY, prepare, retrieval_row
 from ops.bench.report import machine, update_readme_table, write_result
-from ops.bench.sid import cooccurrences
 from ops.config import PlumConfig
-from ops.datasets import load_dataset
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.text_encoder import TextEncoder
-from trainer.data import RewardedSequences
-from trainer.evaluate import Split, leave_one_out, sequences_from_events
-from trainer.retrieval import (
-    Recommender, RetrievalSettings, evaluate, init_model, make_catalogue, text_vocabulary, train_stages,
-)
+from trainer.retrieval import RetrievalSettings, make_catalogue, text_vocabulary
 from trainer.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
 from trainer.vocab import VocabLayout
 from trainer.warm_start import TextTokenizer
@@ -44,7 +37,6 @@ VARIANTS = {
     "cr1": ("PLUM CR1 (random init + CPT)", "random", True),
     "cr2": ("PLUM CR2 (SmolLM2 init + CPT)", "smollm2", True),
 }
-MAX_HISTORY = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,89 +54,48 @@ class QualityRun:
     sid_steps: int | None
 
 
-def _training_dataset(ds: Dataset, split: Split, sequences: Any) -> Dataset:
-    """The data set restricted to each user's training events (everything before the validation item)."""
-    frame = ds.interactions.copy()
-    frame["_order"] = np.arange(len(frame))
-    keep = set()
-    user_index = {u: k for k, u in enumerate(sequences.user_ids)}
-    counts: dict[int, int] = {}
-    for row, user in zip(frame["_order"].to_numpy(), frame["user_id"].to_numpy()):
-        u = user_index[user]
-        counts[u] = counts.get(u, 0) + 1
-        if counts[u] <= len(split.train[u]):
-            keep.add(row)
-    train = frame[frame["_order"].isin(keep)].drop(columns="_order")
-    return Dataset(ds.name, train, ds.items, ds.rating_scale, ds.has_real_time)
-
-
-def _rewards(ds: Dataset, cfg: PlumConfig, sequences: Any) -> dict[tuple[int, int], float]:
-    """(user index, item index) -> reward of that event, by the configured reward function."""
-    users = {u: k for k, u in enumerate(sequences.user_ids)}
-    items = {i: k for k, i in enumerate(sequences.item_ids)}
-    return {(users[e.user_id], items[e.item_id]): e.reward(cfg.pipeline.reward) for e in to_events(ds)}
-
-
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
              ) -> dict[str, Any]:
-    ds = load_dataset(name, Path(cfg.paths.data_dir), Path(cfg.paths.cache_dir))
-    frame = ds.interactions
-    sequences = sequences_from_events(frame["user_id"], frame["item_id"], frame["timestamp"], ds.items["item_id"])
-    split = leave_one_out(sequences, MAX_HISTORY)
-    reward_of = _rewards(ds, cfg, sequences)
-    train_ds = _training_dataset(ds, split, sequences)
-    pairs = [(a, b, n) for a, b, n in cooccurrences(train_ds, cfg.pipeline.cooccurrence_window) if n >= 2]
+    data = prepare(name, cfg, MAX_HISTORY)
+    items = data.dataset.items
     catalogue = pd.DataFrame({
-        "item_id": ds.items["item_id"], "title": ds.items["title"], "tags": ds.items["tags"],
-        "published_at": [None if pd.isna(t) else int(t.timestamp()) for t in ds.items["published_at"]],
+        "item_id": items["item_id"], "title": items["title"], "tags": items["tags"],
+        "published_at": [None if pd.isna(t) else int(t.timestamp()) for t in items["published_at"]],
     })
     settings = cfg.tokenizer if run.sid_steps is None else cfg.tokenizer.model_copy(update={"steps": run.sid_steps})
     with tempfile.TemporaryDirectory() as tmp:
-        table, _ = fit_sids(Path(tmp), catalogue, pairs, encoder, settings, say=lambda m: None)
-    sids = np.array([table.sid(str(i)) for i in sequences.item_ids], np.int64)
-    titles = [tokenizer.encode(str(t)) if t else [] for t in ds.items.set_index("item_id").loc[sequences.item_ids,
-                                                                                              "title"]]
+        table, _ = fit_sids(Path(tmp), catalogue, data.train_pairs, encoder, settings, say=lambda m: None)
+    item_ids = data.sequences.item_ids
+    sids = np.array([table.sid(str(i)) for i in item_ids], np.int64)
+    titles = [tokenizer.encode(str(t)) if t else [] for t in items.set_index("item_id").loc[item_ids, "title"]]
     layout = VocabLayout(tuple(table.codebook_sizes), table.suffix_size, text_ids=text_vocabulary(titles))
-    cat = make_catalogue(layout, sids, titles)
-    train_rewards = tuple(np.array([reward_of[(u, int(i))] for i in seq], np.float32)
-                          for u, seq in enumerate(split.train))
-    test = split.test
-    test_rewards = [[reward_of[(int(u), int(i))] for i in h] for u, h in zip(test.users, test.histories)]
-    click.echo(f"bench quality: {name}: {len(sequences.user_ids):,} users, {split.n_items:,} items, "
+    click.echo(f"bench quality: {name}: {len(data.sequences.user_ids):,} users, {data.split.n_items:,} items, "
                f"SID uniqueness before suffix {table.metrics['uniqueness_before_suffix']:.3f}, "
                f"vocabulary {layout.size:,} tokens ({len(layout.text_ids):,} text)")
-    return {"split": split, "layout": layout, "catalogue": cat, "sequences": RewardedSequences(split.train, train_rewards),
-            "test_rewards": test_rewards, "sid_metrics": table.metrics}
+    return {"data": data, "layout": layout, "catalogue": make_catalogue(layout, sids, titles),
+            "sid_metrics": table.metrics}
 
 
-def _plum_row(variant: str, data: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer
+def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer
               ) -> dict[str, Any]:
     label, init, with_cpt = VARIANTS[variant]
     settings = RetrievalSettings(model_size=run.model_size, init=init, keep_layers=run.keep_layers,
                                  cpt_steps=run.cpt_steps if with_cpt else 0, sft_steps=run.sft_steps,
                                  batch_size=run.batch_size, max_history=MAX_HISTORY)
-    started = time.monotonic()
-    model = init_model(settings, data["layout"], gguf, (tokenizer.bos_id, tokenizer.eos_id))
-    model, histories = train_stages(model, settings, data["layout"], data["catalogue"], data["sequences"],
-                                    say=click.echo)
-    trained = time.monotonic() - started
-    recommender = Recommender(model, data["layout"], data["catalogue"], MAX_HISTORY)
-    metrics, _ = evaluate(recommender, data["split"].test, data["test_rewards"], settings.beam_width,
-                          settings.eval_batch, invalid_rate_users=1000)
-    return {"row": label, "variant": variant, "settings": dataclasses.asdict(settings),
-            "model": dataclasses.asdict(model.cfg), "metrics": metrics, "train_seconds": round(trained, 1),
-            "eval_seconds": round(time.monotonic() - started - trained, 1),
-            "final_loss": {stage: h[-1]["loss"] for stage, h in histories.items()}}
+    row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
+                        (tokenizer.bos_id, tokenizer.eos_id))
+    return {"row": label, "variant": variant, **row}
 
 
-def _sasrec_row(data: dict[str, Any], run: QualityRun) -> dict[str, Any]:
+def _sasrec_row(prepared: dict[str, Any], run: QualityRun) -> dict[str, Any]:
+    split = prepared["data"].split
     # Early stopping on validation Recall@10 (checked every 2 epochs, patience 3) ends the run.
-    cfg = SASRecConfig(n_items=data["split"].n_items, max_len=MAX_HISTORY, epochs=run.sasrec_epochs, eval_every=2)
+    cfg = SASRecConfig(n_items=split.n_items, max_len=MAX_HISTORY, epochs=run.sasrec_epochs, eval_every=2)
     started = time.monotonic()
-    model, _ = train_sasrec(data["split"], cfg, progress=lambda row: click.echo(
+    model, _ = train_sasrec(split, cfg, progress=lambda row: click.echo(
         "sasrec: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())))
     trained = time.monotonic() - started
-    metrics = evaluate_sasrec(model, data["split"], "test")
+    metrics = evaluate_sasrec(model, split, "test")
     return {"row": "SASRec (in-project, same split)", "variant": "sasrec", "settings": dataclasses.asdict(cfg),
             "metrics": metrics, "train_seconds": round(trained, 1)}
 
@@ -156,16 +107,16 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                           cache_path=Path(cfg.paths.cache_dir) / "text_embeddings.db")
     results: dict[str, Any] = {}
     for name in quality.datasets:
-        data = _prepare(name, cfg, quality, tokenizer, encoder)
+        prepared = _prepare(name, cfg, quality, tokenizer, encoder)
         rows = []
         for variant in quality.variants:
-            row = _sasrec_row(data, quality) if variant == "sasrec" else _plum_row(variant, data, quality, gguf,
-                                                                                   tokenizer)
+            row = (_sasrec_row(prepared, quality) if variant == "sasrec"
+                   else _plum_row(variant, prepared, quality, gguf, tokenizer))
             rows.append(row)
             m = row["metrics"]
             click.echo(f"bench quality: {name}: {row['row']}: R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} "
                        f"({row['train_seconds']:.0f} s training)")
-        results[name] = {"sid_metrics": data["sid_metrics"], "rows": rows}
+        results[name] = {"sid_metrics": prepared["sid_metrics"], "rows": rows}
     command = ("plum bench quality" + "".join(f" --dataset {d}" for d in quality.datasets)
                + "".join(f" --variant {v}" for v in quality.variants)
                + f" --sft-steps {quality.sft_steps} --cpt-steps {quality.cpt_steps} --model-size {quality.model_size}"

@@ -5,12 +5,13 @@ multi-resolution codebooks, progressive masking, multi-modal fusion (text + meta
 collaborative), co-occurrence contrastive loss. Each row reports uniqueness before the suffix,
 per-level utilisation, and how often co-occurring pairs share their first-level code against
 random pairs. Co-occurrences come from the pipeline's own state store fed with the data set's
-events, so the counts are the ones the running system would have.
+events, so the counts are the ones the running system would have. With `--recall-steps N` each
+row also trains PLUM R1 (random init, N SFT steps) on its SIDs and reports the test Recall@10
+under the standard protocol; the SIDs then see only the training part of the split.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,8 @@ import click
 import numpy as np
 import pandas as pd
 
-from ingest.config import RewardConfig
-from ingest.datasets import Dataset, to_events
-from ingest.state_store import PipelineStateStore
 from ops.assets import fetch_asset
+from ops.bench.protocol import ProtocolData, cooccurrences, prepare, retrieval_row
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
@@ -30,8 +29,10 @@ from tokenizer.config import TokenizeSettings
 from tokenizer.content import MetadataVocabulary
 from tokenizer.jobs import catalogue_content, release_years, rqvae_config
 from tokenizer.rqvae_train import assign_codes, train
-from tokenizer.sid_table import collision_metrics
+from tokenizer.sid_table import collision_metrics, new_table
 from tokenizer.text_encoder import TextEncoder
+from trainer.retrieval import RetrievalSettings, make_catalogue
+from trainer.vocab import VocabLayout
 
 ROWS: list[tuple[str, tuple[str, ...], dict[str, bool]]] = [
     ("SIDv1 (plain RQ-VAE, text)", ("text",),
@@ -47,27 +48,6 @@ ROWS: list[tuple[str, tuple[str, ...], dict[str, bool]]] = [
 ]
 
 
-def cooccurrences(ds: Dataset, window: int) -> list[tuple[str, str, int]]:
-    """The pipeline state store's co-occurrence counts for this data set's events."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = PipelineStateStore(Path(tmp) / "state.db", cooccurrence_window=window)
-        batch: list = []
-        for event in to_events(ds):
-            batch.append(event)
-            if len(batch) == 10_000:
-                store.begin()
-                store.apply_events(batch, RewardConfig())
-                store.commit()
-                batch = []
-        if batch:
-            store.begin()
-            store.apply_events(batch, RewardConfig())
-            store.commit()
-        pairs = store.cooccurrence()
-        store.close()
-    return pairs
-
-
 def shared_first_code(codes: np.ndarray, pairs: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """Fraction of co-occurring pairs with the same first-level code, and of as many random pairs."""
     if not len(pairs):
@@ -79,19 +59,33 @@ def shared_first_code(codes: np.ndarray, pairs: np.ndarray, seed: int = 0) -> tu
     return round(same, 4), round(base, 4)
 
 
-def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder: TextEncoder) -> dict[str, Any]:
-    ds = load_dataset(name, Path(cfg.paths.data_dir), Path(cfg.paths.cache_dir))
+def recall_row(data: ProtocolData, item_ids: tuple[str, ...], codes: np.ndarray, level_sizes: tuple[int, ...],
+               steps: int, users: int | None) -> dict[str, Any]:
+    """PLUM R1 (random init, SFT only) on these SIDs: the downstream Recall@10 of one ablation row."""
+    table = new_table(1, list(item_ids), codes, level_sizes)
+    sids = np.array([table.sid(str(i)) for i in data.sequences.item_ids], np.int64)
+    layout = VocabLayout(tuple(level_sizes), table.suffix_size)
+    catalogue = make_catalogue(layout, sids, [[] for _ in sids])
+    return retrieval_row(RetrievalSettings(sft_steps=steps), layout, catalogue, data, eval_users=users)
+
+
+def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder: TextEncoder, recall_steps: int = 0,
+                recall_users: int | None = None) -> dict[str, Any]:
+    data = prepare(name, cfg) if recall_steps else None
+    ds = data.dataset if data else load_dataset(name, Path(cfg.paths.data_dir), Path(cfg.paths.cache_dir))
     items = ds.items
     catalogue = pd.DataFrame({
         "item_id": items["item_id"], "title": items["title"], "tags": items["tags"],
         "published_at": [None if pd.isna(t) else int(t.timestamp()) for t in items["published_at"]],
     })
     started = time.monotonic()
-    pairs = cooccurrences(ds, cfg.pipeline.cooccurrence_window)
-    # Pairs seen at least twice: a single co-occurrence is mostly noise.
-    strong = [(a, b, n) for a, b, n in pairs if n >= 2]
-    click.echo(f"bench sid: {name}: {len(catalogue):,} items, {len(pairs):,} co-occurring pairs, {len(strong):,} "
-               f"seen at least twice ({time.monotonic() - started:.0f} s)")
+    # With the Recall@10 column the SIDs may only know the training part of the split; without it
+    # they see every event, as the running system's tokenizer does. Pairs seen at least twice: a
+    # single co-occurrence is mostly noise.
+    strong = data.train_pairs if data else [(a, b, n) for a, b, n in cooccurrences(ds, cfg.pipeline.cooccurrence_window)
+                                            if n >= 2]
+    click.echo(f"bench sid: {name}: {len(catalogue):,} items, {len(strong):,} co-occurring pairs seen at least "
+               f"twice{' in the training split' if data else ''} ({time.monotonic() - started:.0f} s)")
     vocabulary = MetadataVocabulary.fit([list(t) for t in catalogue["tags"]], release_years(list(catalogue["published_at"])),
                                         settings.max_tags)
     rows = []
@@ -117,19 +111,26 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
             "train_seconds": round(time.monotonic() - started, 1),
             "final_loss": round(history[-1]["loss"], 4),
         }
+        if data is not None:
+            row["retrieval"] = recall_row(data, content.item_ids, codes, rq.level_sizes, recall_steps, recall_users)
         rows.append(row)
         click.echo(f"bench sid: {name}: {label}: uniqueness {row['uniqueness_before_suffix']:.3f}, utilisation "
                    + "/".join(f"{u:.2f}" for u in row["utilisation"])
-                   + f", co-occurring pairs share code-1 {same:.3f} (random {base:.3f})")
-    return {"items": len(catalogue), "cooccurring_pairs": len(strong), "rows": rows}
+                   + f", co-occurring pairs share code-1 {same:.3f} (random {base:.3f})"
+                   + (f", R1 Recall@10 {row['retrieval']['metrics']['recall@10']:.4f}" if data else ""))
+    return {"items": len(catalogue), "cooccurring_pairs": len(strong), "rows": rows,
+            "cooccurrences_from": "training part of the leave-one-out split" if data else "every event"}
 
 
-def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: str | None) -> dict[str, Any]:
+def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: str | None, recall_steps: int = 0,
+        recall_users: int | None = None) -> dict[str, Any]:
     settings = cfg.tokenizer if steps is None else cfg.tokenizer.model_copy(update={"steps": steps})
     encoder = TextEncoder(fetch_asset("minilm", Path(cfg.paths.cache_dir)),
                           cache_path=Path(cfg.paths.cache_dir) / "text_embeddings.db")
-    results = {name: run_dataset(name, cfg, settings, encoder) for name in datasets}
-    command = f"plum bench sid --steps {settings.steps}" + "".join(f" --dataset {d}" for d in datasets)
+    results = {name: run_dataset(name, cfg, settings, encoder, recall_steps, recall_users) for name in datasets}
+    command = (f"plum bench sid --steps {settings.steps}" + "".join(f" --dataset {d}" for d in datasets)
+               + (f" --recall-steps {recall_steps}" if recall_steps else "")
+               + (f" --recall-users {recall_users}" if recall_users else ""))
     report = {"benchmark": "sid", "command": command, "machine": machine(),
               "settings": settings.model_dump(mode="json"), "datasets": results,
               "targets": {"sid_v2_uniqueness_before_suffix": ">= 0.95", "every_level_utilisation": ">= 0.5"}}
@@ -140,6 +141,10 @@ def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: s
     return report
 
 
+def _recall(row: dict[str, Any]) -> str:
+    return f"{row['retrieval']['metrics']['recall@10']:.4f}" if "retrieval" in row else "not measured"
+
+
 def readme_table(report: dict[str, Any]) -> str:
     lines = ["| data set | row | uniqueness before suffix | utilisation per level | co-occurring / random pairs "
              "sharing code 1 | Recall@10 |", "|---|---|---|---|---|---|"]
@@ -148,7 +153,7 @@ def readme_table(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['row']} | {row['uniqueness_before_suffix']:.3f} | "
                          + " / ".join(f"{u:.2f}" for u in row["utilisation"])
                          + f" | {row['cooccurring_pairs_sharing_first_code']:.3f} / "
-                           f"{row['random_pairs_sharing_first_code']:.3f} | (generative-retrieval issue) |")
+                           f"{row['random_pairs_sharing_first_code']:.3f} | {_recall(row)} |")
     lines.append(f"\nMeasured {report['machine']['measured_at']} (commit {report['machine']['commit']}) with "
                  f"`{report['command']}`; each row's codebook sizes and flags are in "
                  "ops/bench/results/sid.json.")
