@@ -110,6 +110,14 @@ def asset_path(name: str, cache_dir: str | os.PathLike[str]) -> Path | None:
     return _cached(get_spec(name), Path(cache_dir))
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike[str]) -> Path:
+    """The SmolLM2 GGUF file of the pinned asset (fetched when missing)."""
+    return fetch_asset("smollm2", cache_dir) / SMOLLM2_GGUF
+
+
 def fetch_asset(
     name: str,
     cache_dir: str | os.PathLike[str],

@@ -9,17 +9,19 @@ import click
 
 from features import FeatureStoreClient
 from ingest.training_log import read_training_log
-from ops.assets import fetch_asset
+from ops.assets import smollm2_gguf
 from ops.config import PlumConfig
 from ops.errors import PlumError
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _checkpoint_numbers(root: Path) -> list[int]:
+    """Numbers of the complete checkpoints under root, oldest first (a checkpoint is written under a
+    temporary name and renamed, so every numbered directory is complete)."""
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
 def next_checkpoint(root: Path) -> Path:
     """<root>/<n+1>, where n is the newest complete numbered checkpoint."""
-    done = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-    return root / str(max(done, default=0) + 1)
+    return root / str(max(_checkpoint_numbers(root), default=0) + 1)
 
 
 def _titles(cfg: PlumConfig) -> dict[str, str]:
@@ -29,7 +31,7 @@ def _titles(cfg: PlumConfig) -> dict[str, str]:
 
 def newest_checkpoint(root: Path) -> Path:
     """The newest complete numbered checkpoint under root."""
-    done = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    done = _checkpoint_numbers(root)
     if not done:
         raise PlumError(f"No checkpoint in {root}; run `plum train cpt` first.")
     return root / str(done[-1])
@@ -49,7 +51,7 @@ def train_sft(cfg: PlumConfig, cpt_dir: Path | None = None) -> Path:
         table = load_table(cfg.paths.sid_dir, manifest["sid_version"])
     except (CheckpointError, SIDTableError) as exc:
         raise PlumError(str(exc)) from None
-    tokenizer = TextTokenizer.from_gguf(fetch_asset("smollm2", Path(cfg.paths.cache_dir)) / GGUF_NAME)
+    tokenizer = TextTokenizer.from_gguf(smollm2_gguf(cfg.paths.cache_dir))
     try:
         corpus = build_corpus(read_training_log(cfg.paths.training_log_dir), table, _titles(cfg), tokenizer.encode,
                               VocabLayout.from_json(manifest["vocabulary"]))
@@ -70,7 +72,7 @@ def train_cpt(cfg: PlumConfig) -> Path:
         table = load_table(cfg.paths.sid_dir)
     except SIDTableError as exc:
         raise PlumError(str(exc)) from None
-    gguf = fetch_asset("smollm2", Path(cfg.paths.cache_dir)) / GGUF_NAME
+    gguf = smollm2_gguf(cfg.paths.cache_dir)
     tokenizer = TextTokenizer.from_gguf(gguf)
     try:
         corpus = build_corpus(read_training_log(cfg.paths.training_log_dir), table, _titles(cfg), tokenizer.encode)

@@ -222,10 +222,15 @@ def greedy_search(
 
 def invalid_sid_rate(result: BeamResult) -> float:
     """Fraction of the generated beams (score > -inf) whose SID maps to no item; 0 for constrained search."""
-    live = np.asarray(result.scores) > -np.inf
+    return invalid_share(result.items, result.scores)
+
+
+def invalid_share(items: np.ndarray | jax.Array, scores: np.ndarray | jax.Array) -> float:
+    """`invalid_sid_rate` on beam items and scores gathered over several searches."""
+    live = np.asarray(scores) > -np.inf
     if not live.any():
         raise ValueError("The result holds no generated beams, so it has no invalid-SID rate.")
-    return float((np.asarray(result.items)[live] < 0).mean())
+    return float((np.asarray(items)[live] < 0).mean())
 
 
 def _top_k(logits: jax.Array, beam_bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -62,6 +62,10 @@ class EvalSet:
     targets: np.ndarray
     seen: tuple[np.ndarray, ...]
 
+    def head(self, n: int | None) -> "EvalSet":
+        """The first n evaluated users (all when n is None)."""
+        return self if n is None else EvalSet(self.users[:n], self.histories[:n], self.targets[:n], self.seen[:n])
+
 
 @dataclass(frozen=True, eq=False)
 class Split:

@@ -82,6 +82,14 @@ def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], enc
                   RewardedSequences(tuple(sequences), tuple(rewards)), table.version, watermark)
 
 
+def _retrieval_settings(settings: TrainerSettings, cpt_steps: int, sft_steps: int) -> RetrievalSettings:
+    """The trainer config as the settings of one stage (the other stage's steps set to 0)."""
+    return RetrievalSettings(model_size=settings.model_size, init=settings.init, keep_layers=settings.keep_layers,
+                             cpt_steps=cpt_steps, sft_steps=sft_steps, batch_size=settings.batch_size,
+                             learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+                             max_history=settings.max_history, seed=settings.seed)
+
+
 def holdout_last(corpus: Corpus, max_history: int) -> tuple[RewardedSequences, EvalSet, list[np.ndarray]]:
     """Leave-one-out for a one-shot SFT: each user's last event is held out for evaluation, the
     second-to-last for validation (unused here), the rest trains. Returns (train, test, test rewards)."""
@@ -99,17 +107,14 @@ def run_sft(target: Path, cpt_dir: Path, corpus: Corpus, settings: TrainerSettin
     """SFT from a CPT checkpoint on the corpus (written in the checkpoint's vocabulary), evaluated
     on each user's held-out last event (at most `eval_users` users), written as a checkpoint."""
     model, parent = load_model(cpt_dir)
-    retrieval = RetrievalSettings(model_size=settings.model_size, init=settings.init, keep_layers=settings.keep_layers,
-                                  sft_steps=settings.sft_steps, batch_size=settings.batch_size,
-                                  learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-                                  max_history=settings.max_history, seed=settings.seed)
+    retrieval = _retrieval_settings(settings, cpt_steps=0, sft_steps=settings.sft_steps)
     train, test, test_rewards = holdout_last(corpus, settings.max_history)
     say(f"train sft: from {cpt_dir}, {len(train.items):,} users, {len(test.targets):,} held-out last events")
     model, histories = train_stages(model, retrieval, corpus.layout, corpus.catalogue, train, say)
-    n = min(settings.eval_users, len(test.targets))
-    sample = EvalSet(test.users[:n], test.histories[:n], test.targets[:n], test.seen[:n])
+    sample = test.head(settings.eval_users)
     metrics, _ = evaluate(Recommender(model, corpus.layout, corpus.catalogue, settings.max_history), sample,
-                          test_rewards[:n], retrieval.beam_width, retrieval.eval_batch, invalid_rate_users=n)
+                          test_rewards[:len(sample.targets)], retrieval.beam_width, retrieval.eval_batch,
+                          invalid_rate_users=len(sample.targets))
     say("train sft: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     manifest = {**{k: parent[k] for k in ("vocabulary", "sid_version", "prompt_schema") if k in parent},
                 "stage": "sft", "item_ids": list(corpus.item_ids), "data_watermark": corpus.watermark,
@@ -122,10 +127,7 @@ def run_sft(target: Path, cpt_dir: Path, corpus: Corpus, settings: TrainerSettin
 def run_cpt(target: Path, corpus: Corpus, settings: TrainerSettings, gguf_path: Path | None,
             bos_eos: tuple[int, int] | None, say: Say = print) -> Path:
     """Continued pre-training from random init or SmolLM2, written as a checkpoint at `target`."""
-    retrieval = RetrievalSettings(model_size=settings.model_size, init=settings.init, keep_layers=settings.keep_layers,
-                                  cpt_steps=settings.cpt_steps, sft_steps=0, batch_size=settings.batch_size,
-                                  learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-                                  max_history=settings.max_history, seed=settings.seed)
+    retrieval = _retrieval_settings(settings, cpt_steps=settings.cpt_steps, sft_steps=0)
     model = init_model(retrieval, corpus.layout, gguf_path, bos_eos)
     say(f"train cpt: {len(corpus.user_ids):,} users, {len(corpus.item_ids):,} items, SID version "
         f"{corpus.sid_version}, vocabulary {corpus.layout.size:,}, {settings.init} init, "

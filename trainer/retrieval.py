@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_tokens, left_pad, prefix_length, sft_batches
-from trainer.decoding import BeamResult, SIDTrie, beam_search
+from trainer.decoding import BeamResult, SIDTrie, beam_search, invalid_share
 from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
 from trainer.model import DECODER_SIZES, Decoder
 from trainer.train import OptimConfig, TrainLoop
@@ -180,5 +180,5 @@ def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequ
     if invalid_rate_users:
         n = min(invalid_rate_users, len(ranked))
         free, scores = recommender.search(eval_set.histories[:n], rewards[:n], k, batch_size, constrained=False)
-        metrics["invalid_sid_rate_unconstrained"] = float((free[np.isfinite(scores)] < 0).mean())
+        metrics["invalid_sid_rate_unconstrained"] = invalid_share(free, scores)
     return metrics, ranked

@@ -9,13 +9,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import click
 import numpy as np
+import pandas as pd
 
 from ingest.config import RewardConfig
 from ingest.datasets import Dataset, to_events
+from ingest.events import EngagementEvent
 from ingest.state_store import PipelineStateStore
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
@@ -39,12 +41,12 @@ class ProtocolData:
     train_pairs: list[tuple[str, str, int]]
 
 
-def cooccurrences(ds: Dataset, window: int) -> list[tuple[str, str, int]]:
-    """The pipeline state store's co-occurrence counts for this data set's events."""
+def cooccurrences(events: Iterable[EngagementEvent], window: int) -> list[tuple[str, str, int]]:
+    """The pipeline state store's co-occurrence counts for these events (in event-time order)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = PipelineStateStore(Path(tmp) / "state.db", cooccurrence_window=window)
         batch: list = []
-        for event in to_events(ds):
+        for event in events:
             batch.append(event)
             if len(batch) == 10_000:
                 store.begin()
@@ -60,16 +62,27 @@ def cooccurrences(ds: Dataset, window: int) -> list[tuple[str, str, int]]:
     return pairs
 
 
-def _training_dataset(ds: Dataset, split: Split, sequences: UserSequences) -> Dataset:
-    """The data set restricted to each user's training events (everything before the validation item)."""
+def catalogue_frame(ds: Dataset) -> pd.DataFrame:
+    """The data set's items as the tokenizer's jobs take them (published_at in unix seconds or None)."""
+    items = ds.items
+    return pd.DataFrame({
+        "item_id": items["item_id"], "title": items["title"], "tags": items["tags"],
+        "published_at": [None if pd.isna(t) else int(t.timestamp()) for t in items["published_at"]],
+    })
+
+
+def _training_events(events: list[EngagementEvent], split: Split, sequences: UserSequences
+                     ) -> list[EngagementEvent]:
+    """Each user's training events (everything before the validation item), in the given order."""
     user_index = {u: k for k, u in enumerate(sequences.user_ids)}
     seen: dict[int, int] = {}
-    keep = []
-    for user in ds.interactions["user_id"].to_numpy():
-        u = user_index[user]
+    kept = []
+    for event in events:
+        u = user_index[event.user_id]
         seen[u] = seen.get(u, 0) + 1
-        keep.append(seen[u] <= len(split.train[u]))
-    return Dataset(ds.name, ds.interactions[np.array(keep)], ds.items, ds.rating_scale, ds.has_real_time)
+        if seen[u] <= len(split.train[u]):
+            kept.append(event)
+    return kept
 
 
 def prepare(name: str, cfg: PlumConfig, max_history: int = MAX_HISTORY) -> ProtocolData:
@@ -80,21 +93,21 @@ def prepare(name: str, cfg: PlumConfig, max_history: int = MAX_HISTORY) -> Proto
     split = leave_one_out(sequences, max_history)
     users = {u: k for k, u in enumerate(sequences.user_ids)}
     items = {i: k for k, i in enumerate(sequences.item_ids)}
-    reward_of = {(users[e.user_id], items[e.item_id]): e.reward(cfg.pipeline.reward) for e in to_events(ds)}
+    events = list(to_events(ds))  # interactions order: event time, ties as sequences_from_events keeps them
+    reward_of = {(users[e.user_id], items[e.item_id]): e.reward(cfg.pipeline.reward) for e in events}
     train = RewardedSequences(split.train, tuple(np.array([reward_of[(u, int(i))] for i in seq], np.float32)
                                                  for u, seq in enumerate(split.train)))
     test_rewards = [[reward_of[(int(u), int(i))] for i in h] for u, h in zip(split.test.users, split.test.histories)]
-    train_ds = _training_dataset(ds, split, sequences)
     # Pairs seen at least twice: a single co-occurrence is mostly noise (as in `bench sid`).
-    pairs = [(a, b, n) for a, b, n in cooccurrences(train_ds, cfg.pipeline.cooccurrence_window) if n >= 2]
+    pairs = [(a, b, n) for a, b, n in cooccurrences(_training_events(events, split, sequences),
+                                                    cfg.pipeline.cooccurrence_window) if n >= 2]
     return ProtocolData(ds, sequences, split, train, test_rewards, pairs)
 
 
 def test_sample(data: ProtocolData, users: int | None) -> tuple[EvalSet, list[list[float]]]:
     """The first `users` test users (all when None)."""
-    test = data.split.test
-    n = len(test.targets) if users is None else min(users, len(test.targets))
-    return (EvalSet(test.users[:n], test.histories[:n], test.targets[:n], test.seen[:n]), data.test_rewards[:n])
+    sample = data.split.test.head(users)
+    return sample, data.test_rewards[:len(sample.targets)]
 
 
 def retrieval_row(settings: RetrievalSettings, layout: VocabLayout, catalogue: Catalogue, data: ProtocolData,

@@ -20,10 +20,9 @@ from typing import Any
 
 import click
 import numpy as np
-import pandas as pd
 
-from ops.assets import fetch_asset
-from ops.bench.protocol import MAX_HISTORY, prepare, retrieval_row
+from ops.assets import fetch_asset, smollm2_gguf
+from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
@@ -59,10 +58,7 @@ def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokeniz
              ) -> dict[str, Any]:
     data = prepare(name, cfg, MAX_HISTORY)
     items = data.dataset.items
-    catalogue = pd.DataFrame({
-        "item_id": items["item_id"], "title": items["title"], "tags": items["tags"],
-        "published_at": [None if pd.isna(t) else int(t.timestamp()) for t in items["published_at"]],
-    })
+    catalogue = catalogue_frame(data.dataset)
     settings = cfg.tokenizer if run.sid_steps is None else cfg.tokenizer.model_copy(update={"steps": run.sid_steps})
     with tempfile.TemporaryDirectory() as tmp:
         table, _ = fit_sids(Path(tmp), catalogue, data.train_pairs, encoder, settings, say=lambda m: None)
@@ -102,7 +98,7 @@ def _sasrec_row(prepared: dict[str, Any], run: QualityRun) -> dict[str, Any]:
 
 
 def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, Any]:
-    gguf = fetch_asset("smollm2", Path(cfg.paths.cache_dir)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf(cfg.paths.cache_dir)
     tokenizer = TextTokenizer.from_gguf(gguf)
     encoder = TextEncoder(fetch_asset("minilm", Path(cfg.paths.cache_dir)),
                           cache_path=Path(cfg.paths.cache_dir) / "text_embeddings.db")

@@ -18,10 +18,10 @@ from typing import Any
 
 import click
 import numpy as np
-import pandas as pd
 
+from ingest.datasets import to_events
 from ops.assets import fetch_asset
-from ops.bench.protocol import ProtocolData, cooccurrences, prepare, retrieval_row
+from ops.bench.protocol import ProtocolData, catalogue_frame, cooccurrences, prepare, retrieval_row
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
@@ -73,16 +73,12 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
                 recall_users: int | None = None) -> dict[str, Any]:
     data = prepare(name, cfg) if recall_steps else None
     ds = data.dataset if data else load_dataset(name, Path(cfg.paths.data_dir), Path(cfg.paths.cache_dir))
-    items = ds.items
-    catalogue = pd.DataFrame({
-        "item_id": items["item_id"], "title": items["title"], "tags": items["tags"],
-        "published_at": [None if pd.isna(t) else int(t.timestamp()) for t in items["published_at"]],
-    })
+    catalogue = catalogue_frame(ds)
     started = time.monotonic()
     # With the Recall@10 column the SIDs may only know the training part of the split; without it
     # they see every event, as the running system's tokenizer does. Pairs seen at least twice: a
     # single co-occurrence is mostly noise.
-    strong = data.train_pairs if data else [(a, b, n) for a, b, n in cooccurrences(ds, cfg.pipeline.cooccurrence_window)
+    strong = data.train_pairs if data else [(a, b, n) for a, b, n in cooccurrences(to_events(ds), cfg.pipeline.cooccurrence_window)
                                             if n >= 2]
     click.echo(f"bench sid: {name}: {len(catalogue):,} items, {len(strong):,} co-occurring pairs seen at least "
                f"twice{' in the training split' if data else ''} ({time.monotonic() - started:.0f} s)")

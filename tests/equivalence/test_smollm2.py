@@ -16,7 +16,6 @@ from trainer.warm_start import TextTokenizer, WarmStartError, load_pretrained, r
 
 pytestmark = pytest.mark.equivalence
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is"
 SENTENCE = "The capital of France is Paris, and the capital of Italy is Rome."
 PRETRAINED_VOCAB = 49_152
@@ -24,11 +23,11 @@ PRETRAINED_VOCAB = 49_152
 
 @pytest.fixture(scope="module")
 def gguf_path(asset_cache_dir) -> Path:
-    from ops.assets import fetch_asset
+    from ops.assets import smollm2_gguf
     from ops.errors import AssetError
 
     try:
-        path = fetch_asset("smollm2", asset_cache_dir) / GGUF_NAME
+        path = smollm2_gguf(asset_cache_dir)
     except AssetError as error:
         pytest.skip(f"the SmolLM2 GGUF is not available ({error}); run `plum assets fetch smollm2`")
     if not path.is_file():
