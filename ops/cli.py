@@ -194,10 +194,37 @@ def tokenize_assign(ctx: click.Context, every: str | None) -> None:
 
 
 # -- trainer --------------------------------------------------------------------------------
-@cli.group()
-def train() -> None:
-    """The decoder LM: continued pre-training (CPT), then generative-retrieval SFT, on the system's
-    own events and SIDs."""
+@cli.group(invoke_without_command=True)
+@click.option("--continuous", is_flag=True,
+              help="Run the long-running trainer: fine-tune on the stream forever, export servable versions.")
+@click.option("--from", "cpt_dir", type=click.Path(file_okay=False), default=None,
+              help="With --continuous: the CPT checkpoint to start from when the trainer has no checkpoint "
+                   "of its own (default: the newest under <state>/checkpoints/cpt).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="With --continuous: stop after this many steps (default: run until Ctrl-C or SIGTERM).")
+@click.option("--until-drained", is_flag=True,
+              help="With --continuous: stop once every logged event is trained and the loop goes idle.")
+@click.pass_context
+def train(ctx: click.Context, continuous: bool, cpt_dir: str | None, max_steps: int | None,
+          until_drained: bool) -> None:
+    """The decoder LM: continued pre-training (CPT), generative-retrieval SFT, and the continuous
+    trainer that keeps learning from the stream.
+
+    `plum train --continuous` resumes from its own newest checkpoint (or starts from a CPT
+    checkpoint), reads the training log as the pipeline appends to it, trains reward-sampled
+    batches of fresh and historical examples, evaluates each checkpoint on the events that arrived
+    after its training watermark, and exports a servable version under <model_base>/<name>/<n>
+    when the gates pass. Its status is in <state>/trainer/status.json."""
+    if ctx.invoked_subcommand is not None:
+        if continuous or cpt_dir or max_steps or until_drained:
+            raise click.UsageError("--continuous and its options do not combine with a subcommand.")
+        return
+    if not continuous:
+        click.echo(ctx.get_help())
+        return
+    from ops.train_jobs import train_continuous
+
+    train_continuous(_config(ctx), max_steps=max_steps, until_drained=until_drained, cpt_dir=cpt_dir)
 
 
 @train.command("cpt")

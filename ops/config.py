@@ -41,6 +41,8 @@ class PathsConfig(BaseModel):
     state_dir: str = ".plum"
     cache_dir: str = Field(default_factory=_default_cache_dir)
     data_dir: str = Field(default_factory=_default_data_dir)
+    model_base: str = ""  # servable versions: <model_base>/<model_name>/<version>; default <state>/models
+    model_name: str = "plum"
 
     def state(self, *parts: str) -> Path:
         return Path(self.state_dir).resolve().joinpath(*parts)
@@ -60,6 +62,17 @@ class PathsConfig(BaseModel):
     @property
     def checkpoint_dir(self) -> Path:
         return self.state("checkpoints")
+
+    @property
+    def model_dir(self) -> Path:
+        """Where the trainer exports servable versions and the server looks for them."""
+        base = Path(self.model_base).resolve() if self.model_base else self.state("models")
+        return base / self.model_name
+
+    @property
+    def trainer_dir(self) -> Path:
+        """The continuous trainer's checkpoints and status file."""
+        return self.state("trainer")
 
     @property
     def stack_file(self) -> Path:

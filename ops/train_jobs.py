@@ -82,3 +82,49 @@ def train_cpt(cfg: PlumConfig) -> Path:
     path = run_cpt(target, corpus, cfg.trainer, gguf, (tokenizer.bos_id, tokenizer.eos_id), say=click.echo)
     click.echo(f"train cpt: wrote {path}")
     return path
+
+
+def continuous_paths(cfg: PlumConfig):
+    from trainer.continuous import ContinuousPaths
+
+    return ContinuousPaths(cfg.paths.training_log_dir, cfg.paths.sid_dir, cfg.paths.trainer_dir, cfg.paths.model_dir)
+
+
+def train_continuous(cfg: PlumConfig, stop=None, max_steps: int | None = None, until_drained: bool = False,
+                     cpt_dir: Path | None = None) -> None:
+    """`plum train --continuous`: resume the loop from its newest checkpoint, or start it from a CPT
+    checkpoint (default: the newest); runs until SIGINT/SIGTERM (or max_steps / until_drained)."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from tokenizer.sid_table import SIDTableError
+    from trainer.checkpoint import CheckpointError
+    from trainer.continuous import ContinuousError, ContinuousTrainer
+    from trainer.metrics import TrainerMetrics
+
+    paths = continuous_paths(cfg)
+    if cpt_dir is None and not (paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir())):
+        cpt_dir = newest_checkpoint(cfg.paths.checkpoint_dir / "cpt")
+    metrics = TrainerMetrics()
+    try:
+        trainer = ContinuousTrainer(cfg.trainer, paths, Path(cpt_dir) if cpt_dir else None, say=click.echo,
+                                    metrics=metrics)
+    except (ContinuousError, CheckpointError, SIDTableError) as exc:
+        raise PlumError(str(exc)) from None
+    port = cfg.trainer.continuous.metrics_port
+    if port:
+        start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+        click.echo(f"train continuous: Prometheus metrics on http://127.0.0.1:{port}/metrics")
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"train continuous: status in {paths.status}; servable versions in {paths.model_dir}; "
+               "Ctrl-C checkpoints and stops")
+    try:
+        trainer.run(stop, max_steps=max_steps, until_drained=until_drained)
+    finally:
+        trainer.close()
+    click.echo(f"train continuous: stopped at step {trainer.loop.step_count}")

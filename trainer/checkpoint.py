@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -42,8 +42,10 @@ def decoder_config_from_json(data: dict[str, Any]) -> DecoderConfig:
     return DecoderConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def save_model(directory: Path, model: Decoder, manifest: dict[str, Any]) -> Path:
-    """Write params + manifest atomically; refuses to overwrite an existing checkpoint."""
+def save_model(directory: Path, model: Decoder, manifest: dict[str, Any],
+               write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write params + manifest (+ whatever `write_extra` writes into the directory) atomically;
+    refuses to overwrite an existing checkpoint."""
     directory = Path(directory)
     if directory.exists():
         raise CheckpointError(f"Checkpoint {directory} already exists; choose a new directory or version.")
@@ -56,6 +58,8 @@ def save_model(directory: Path, model: Decoder, manifest: dict[str, Any]) -> Pat
         checkpointer.wait_until_finished()
         full = {"model_config": decoder_config_json(model.cfg),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
+        if write_extra is not None:
+            write_extra(tmp)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=str))
         os.replace(tmp, directory)
     except BaseException:

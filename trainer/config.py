@@ -7,6 +7,26 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class ContinuousSettings(BaseModel):
+    """`plum train --continuous`: the long-running SFT loop on the stream (trainer/continuous.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fresh_share: float = Field(0.5, ge=0.0, le=1.0)  # share of a batch's rows that end at a fresh event
+    learning_rate: float = Field(3e-4, gt=0)  # constant after warm-up: the loop never ends
+    checkpoint_every_steps: int = Field(200, ge=1)
+    checkpoint_every_s: float = Field(60.0, gt=0)
+    keep_checkpoints: int = Field(3, ge=1)
+    poll_interval_s: float = Field(2.0, gt=0)
+    idle_after_steps: int = Field(500, ge=0)  # history-only steps after the last fresh example, then wait
+    eval_examples: int = Field(300, ge=1)  # newest held-out events evaluated per checkpoint (one per user)
+    min_eval_examples: int = Field(50, ge=1)  # fewer held-out events than this: no comparison, no export
+    beam_width: int = Field(20, ge=1)
+    export_margin: float = Field(0.01, ge=0.0)  # Recall@10 / NDCG@10 may trail the served version by this much
+    report_every_s: float = Field(10.0, gt=0)
+    metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus metrics over HTTP; 0 = off
+
+
 class TrainerSettings(BaseModel):
     """What `plum train cpt` and `plum train sft` train: the model, its initialisation, the stages."""
 
@@ -23,3 +43,4 @@ class TrainerSettings(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     max_history: int = Field(20, ge=1)
     seed: int = 0
+    continuous: ContinuousSettings = Field(default_factory=ContinuousSettings)

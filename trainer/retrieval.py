@@ -166,16 +166,18 @@ def top_k_unseen(beam_items: np.ndarray, seen: Sequence[np.ndarray] | None, k: i
 def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequence[float]], beam_width: int,
              batch_size: int, exclude_seen: bool = True, k: int = 10, invalid_rate_users: int = 0
              ) -> tuple[dict[str, float], np.ndarray]:
-    """Recall/NDCG@5/10 and the effective vocabulary of the top-k lists; returns (metrics, ranked).
+    """Recall/NDCG@5/10, the effective vocabulary of the top-k lists and the invalid-SID rate of
+    the constrained beams; returns (metrics, ranked).
 
     With invalid_rate_users > 0, the first that many users also get an unconstrained search of
     k beams, whose share of SIDs that map to no item is the model's invalid-SID rate (the
     constrained search's is 0 by construction).
     """
-    beams, _ = recommender.search(eval_set.histories, rewards, beam_width, batch_size)
+    beams, scores = recommender.search(eval_set.histories, rewards, beam_width, batch_size)
     ranked = top_k_unseen(beams, eval_set.seen if exclude_seen else None, k)
     metrics = rank_metrics(ranked, eval_set.targets, ks=tuple(sorted({min(5, k), k})))
     metrics["effective_vocabulary"] = effective_vocabulary(ranked)
+    metrics["invalid_sid_rate"] = invalid_share(beams, scores)  # constrained: 0 unless the trie is broken
     metrics["users"] = len(ranked)
     if invalid_rate_users:
         n = min(invalid_rate_users, len(ranked))

@@ -35,6 +35,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     end_lr_fraction: float = 0.1
+    decay: bool = True  # False: constant after warm-up (a loop with no last step)
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0 or self.total_steps < 1 or self.warmup_steps < 0:
@@ -42,6 +43,10 @@ class OptimConfig:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    if not cfg.decay:
+        schedule = optax.warmup_constant_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                           optax.adamw(schedule, weight_decay=cfg.weight_decay))
     warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(warmup, 1), max(cfg.total_steps, warmup + 1),
@@ -132,6 +137,16 @@ class TrainLoop:
         self.state, metrics = self._step(self.graphdef, self.state, batch)
         self.step_count += 1
         return {k: float(v) for k, v in metrics.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state as a pure dict of host arrays (what a checkpoint stores)."""
+        return jax.device_get(nnx.to_pure_dict(self.state))
+
+    def load_state_dict(self, pure: dict[str, Any]) -> None:
+        """Replace model and optimizer state with a checkpoint's (same structure and shapes)."""
+        state = jax.tree.map(lambda x: x, self.state)
+        nnx.replace_by_pure_dict(state, pure)
+        self.state = jax.device_put(state, self.state_sharding)
 
     def model(self) -> nnx.Module:
         """The current model (a view on the trained state)."""

@@ -1,0 +1,83 @@
+"""Servable versions (DESIGN.md, contracts: servable version), written by the trainer, read by serving.
+
+<model_dir>/<int version>/
+  params/         orbax parameters of the decoder
+  manifest.json   model config, vocabulary layout, sid_version, prompt schema, data watermark, eval
+                  figures, parent checkpoint, created_at (trainer/checkpoint.py)
+  items.parquet   item_id and full SID (codes + suffix) of every item the version can recommend: a
+                  snapshot, so items the tokenizer adds later do not change a published version
+<model_dir>/labels.json   {"stable": N, "canary": M}: which versions the labels point at (ops writes)
+
+A version is written under a temporary name and renamed into place: every numeric directory is
+complete, and readers ignore everything else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.checkpoint import MANIFEST, CheckpointError, load_model, save_model
+from trainer.model import Decoder
+
+ITEMS = "items.parquet"
+LABELS = "labels.json"
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """Complete versions under model_dir, oldest first."""
+    if not Path(model_dir).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(model_dir).iterdir()
+                  if p.name.isdigit() and (p / MANIFEST).is_file())
+
+
+def labels(model_dir: Path) -> dict[str, int]:
+    path = Path(model_dir) / LABELS
+    if not path.is_file():
+        return {}
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a JSON object of label -> version: {exc}") from None
+
+
+def served_version(model_dir: Path) -> int | None:
+    """The version labelled stable, or else the newest complete version; None when there is none."""
+    stable = labels(model_dir).get("stable")
+    if stable is not None and stable in version_numbers(model_dir):
+        return stable
+    numbers = version_numbers(model_dir)
+    return numbers[-1] if numbers else None
+
+
+def export_version(model_dir: Path, model: Decoder, manifest: dict[str, Any], item_ids: Sequence[str],
+                   sids: np.ndarray) -> Path:
+    """Publish the model as the next version number with its catalogue snapshot; returns its directory."""
+    if len(item_ids) != len(sids):
+        raise ValueError("one SID row per item is needed")
+    version = max(version_numbers(model_dir), default=0) + 1
+
+    def write_items(directory: Path) -> None:
+        table = pa.table({"item_id": pa.array(list(item_ids), pa.string()),
+                          "sid": pa.array(np.asarray(sids, np.int64).tolist(), pa.list_(pa.int64()))})
+        pq.write_table(table, directory / ITEMS)
+
+    return save_model(Path(model_dir) / str(version), model, {**manifest, "version": version}, write_items)
+
+
+def load_version(model_dir: Path, version: int) -> tuple[Decoder, dict[str, Any], list[str], np.ndarray]:
+    """A complete version's decoder, manifest, item ids and SIDs [n_items, levels + 1]."""
+    directory = Path(model_dir) / str(version)
+    if version not in version_numbers(model_dir):
+        raise CheckpointError(f"Version {version} is not a complete version in {model_dir}.")
+    model, manifest = load_model(directory)
+    if not (directory / ITEMS).is_file():
+        raise CheckpointError(f"Version {version} in {model_dir} has no {ITEMS}.")
+    items = pq.read_table(directory / ITEMS).to_pydict()
+    return model, manifest, list(items["item_id"]), np.array(items["sid"], np.int64).reshape(len(items["item_id"]), -1)

@@ -1,0 +1,201 @@
+"""The continuous trainer's view of the training log (DESIGN.md, contracts: training log).
+
+Published log files never change (the pipeline renames complete files into place), so how far the
+trainer has read is the set of files it has read. Every event read lands in its user's history
+(ordered by event time, then partition and offset) and, unless the CPT checkpoint already covered
+it, in the queue of fresh examples:
+
+    read -> pending (held out: the next checkpoint evaluates on it) -> released (waiting to be
+    trained as a fresh example) -> taken (trained, or dropped by reward sampling) -> history pool
+
+The data state saved with each checkpoint is the read files, the pending and released queues, and
+the ledger of taken examples (a count and an order-free digest of their event ids), so a restart
+from that checkpoint re-reads the same files, rebuilds the same histories and takes each fresh
+example exactly once in the model's lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ingest.training_log import HOUR
+
+COLUMNS = ["event_id", "user_id", "item_id", "event_time", "reward", "kafka_partition", "kafka_offset"]
+DIGEST_MOD = 2 ** 64
+
+
+def event_digest(event_ids: Iterable[str]) -> int:
+    """An order-free digest of a set of event ids (sum of 64-bit hashes): equal sets, equal digests."""
+    total = 0
+    for event_id in event_ids:
+        total += int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+    return total % DIGEST_MOD
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One event as the trainer keeps it; `order` sorts a user's events (time, partition, offset)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    reward: float
+    order: tuple[int, int, int]
+
+
+def published_files(root: Path) -> list[str]:
+    """Published log files as paths relative to root (`event_hour=H/<batch>.parquet`), sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(f"{d.name}/{f.name}" for d in root.iterdir() if d.is_dir() and d.name.startswith(f"{HOUR}=")
+                  for f in d.iterdir() if f.suffix == ".parquet")
+
+
+def read_events(root: Path, relative: str) -> list[LoggedEvent]:
+    table = pq.read_table(root / relative, columns=COLUMNS).to_pydict()
+    out = []
+    for i, event_id in enumerate(table["event_id"]):
+        when = table["event_time"][i]
+        micros = int(when.timestamp() * 1_000_000)
+        out.append(LoggedEvent(event_id, str(table["user_id"][i]), str(table["item_id"][i]),
+                               float(table["reward"][i]), (micros, int(table["kafka_partition"][i]),
+                                                           int(table["kafka_offset"][i]))))
+    return out
+
+
+def covered_by(watermark: dict[str, Any] | None, event: LoggedEvent) -> bool:
+    """Whether a checkpoint's data watermark (per-partition last offsets) includes the event."""
+    if not watermark or "offsets" not in watermark:
+        return False
+    last = watermark["offsets"].get(str(event.order[1]))
+    return last is not None and event.order[2] <= int(last)
+
+
+@dataclass
+class Ledger:
+    """Fresh examples taken so far: count, order-free digest of their event ids, and what became of them."""
+
+    taken: int = 0
+    digest: int = 0
+    trained: int = 0
+    dropped_by_reward: int = 0
+    without_sid: int = 0
+
+    def take(self, event_id: str, outcome: str) -> None:
+        self.taken += 1
+        self.digest = (self.digest + event_digest([event_id])) % DIGEST_MOD
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+@dataclass
+class Stream:
+    """Histories, queues and ledger built from the log files read so far."""
+
+    root: Path
+    base_watermark: dict[str, Any] | None = None  # the CPT checkpoint's: events it covers are history
+    files: set[str] = field(default_factory=set)
+    events: dict[str, LoggedEvent] = field(default_factory=dict)
+    user_events: dict[str, list[LoggedEvent]] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    released: deque[str] = field(default_factory=deque)
+    pool: list[str] = field(default_factory=list)  # events in the history pool (sampled for historical rows)
+    ledger: Ledger = field(default_factory=Ledger)
+    reward_max: float = 0.0  # the largest reward read: reward sampling keeps reward / reward_max
+
+    # Reading ------------------------------------------------------------------------------------
+    def _add(self, events: Sequence[LoggedEvent]) -> list[LoggedEvent]:
+        new = [e for e in events if e.event_id not in self.events]  # the log holds each event once
+        touched = set()
+        for event in new:
+            self.events[event.event_id] = event
+            self.reward_max = max(self.reward_max, event.reward)
+            self.user_events.setdefault(event.user_id, []).append(event)
+            touched.add(event.user_id)
+        for user in touched:
+            self.user_events[user].sort(key=lambda e: e.order)
+        return new
+
+    def poll(self) -> int:
+        """Read the files published since the last poll; their new events join the pending queue
+        (or the history pool when the base watermark covers them). Returns the events read."""
+        fresh = [f for f in published_files(self.root) if f not in self.files]
+        added: list[LoggedEvent] = []
+        for relative in fresh:
+            added += self._add(read_events(self.root, relative))
+            self.files.add(relative)
+        added.sort(key=lambda e: e.order)
+        for event in added:
+            (self.pool if covered_by(self.base_watermark, event) else self.pending).append(event.event_id)
+        return len(added)
+
+    # Queues -------------------------------------------------------------------------------------
+    def release(self) -> list[str]:
+        """Move the pending (evaluated) events to the released queue; returns them."""
+        moved, self.pending = self.pending, []
+        self.released.extend(moved)
+        return moved
+
+    def take_fresh(self) -> str | None:
+        """The next released event, now part of the history pool (the caller records its outcome)."""
+        if not self.released:
+            return None
+        event_id = self.released.popleft()
+        self.pool.append(event_id)
+        return event_id
+
+    # Views --------------------------------------------------------------------------------------
+    def before(self, event: LoggedEvent) -> list[LoggedEvent]:
+        """The user's events strictly before this one."""
+        events = self.user_events[event.user_id]
+        return events[:events.index(event)]
+
+    def watermark(self) -> dict[str, Any]:
+        """The newest event trained or held in history so far (event time and per-partition offsets)."""
+        offsets: dict[str, int] = {}
+        newest = 0
+        for event_id in self.pool:
+            event = self.events[event_id]
+            newest = max(newest, event.order[0])
+            key = str(event.order[1])
+            offsets[key] = max(offsets.get(key, -1), event.order[2])
+        when = datetime.fromtimestamp(newest / 1e6, timezone.utc).isoformat() if self.pool else None
+        return {"event_time": when, "events": len(self.pool), "offsets": offsets}
+
+    def sample_pool(self, rng: np.random.Generator, n: int) -> list[LoggedEvent]:
+        if not self.pool:
+            return []
+        return [self.events[self.pool[i]] for i in rng.integers(len(self.pool), size=n)]
+
+    # Persistence --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores to restore this stream exactly."""
+        return {"files": sorted(self.files), "pending": list(self.pending), "released": list(self.released),
+                "ledger": vars(self.ledger).copy() | {"digest": str(self.ledger.digest)},
+                "base_watermark": self.base_watermark}
+
+    @classmethod
+    def restore(cls, root: Path, state: dict[str, Any]) -> "Stream":
+        """Re-read exactly the checkpoint's files; queues and ledger as saved; the rest is history."""
+        stream = cls(root, state.get("base_watermark"))
+        for relative in state["files"]:
+            if not (root / relative).is_file():
+                raise FileNotFoundError(f"training log file {relative} read by the checkpoint is gone from {root}")
+            stream._add(read_events(root, relative))
+            stream.files.add(relative)
+        stream.pending = list(state["pending"])
+        stream.released = deque(state["released"])
+        queued = set(stream.pending) | set(stream.released)
+        stream.pool = [e.event_id for e in sorted(stream.events.values(), key=lambda e: e.order)
+                       if e.event_id not in queued]
+        ledger = dict(state["ledger"])
+        ledger["digest"] = int(ledger["digest"])
+        stream.ledger = Ledger(**ledger)
+        return stream
