@@ -1,7 +1,8 @@
 """Feast feature repo and store wrapper: user_history, item_stats, item_metadata, item_sid.
 
 Public surface: FeatureStoreClient, FeatureStoreError, feature_objects, the view names and
-VIEW_COLUMNS (each view's DataFrame columns). They are loaded on first use, so that importing
+VIEW_COLUMNS (each view's DataFrame columns), the context-feature registry (ContextFeatureSpec,
+ContextFeatureRegistry). They are loaded on first use, so that importing
 `features.config` does not import Feast (seconds).
 """
 
@@ -18,6 +19,8 @@ _EXPORTS = {
     "ITEM_STATS": "features.repo",
     "ITEM_METADATA": "features.repo",
     "ITEM_SID": "features.repo",
+    "ContextFeatureSpec": "features.registry",
+    "ContextFeatureRegistry": "features.registry",
 }
 __all__ = list(_EXPORTS)
 

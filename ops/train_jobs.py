@@ -84,6 +84,22 @@ def train_cpt(cfg: PlumConfig) -> Path:
     return path
 
 
+def registered_features(cfg: PlumConfig):
+    """The context-feature registry's specs as vocabulary features, in registration order (none, with
+    a warning, while the registry file is unreadable)."""
+    from features.registry import ContextFeatureRegistry
+    from trainer.vocab import FeatureSpec
+
+    from features.errors import FeatureStoreError
+
+    try:
+        specs = ContextFeatureRegistry(cfg.feast_repo_dir).specs()
+    except FeatureStoreError as exc:  # keep training with the features adopted so far
+        click.echo(f"train continuous: warning: {exc}", err=True)
+        return []
+    return [FeatureSpec(s.name, s.type, s.values, s.buckets) for s in specs]
+
+
 def continuous_paths(cfg: PlumConfig):
     from trainer.continuous import ContinuousPaths
 
@@ -99,6 +115,7 @@ def train_continuous(cfg: PlumConfig, stop=None, max_steps: int | None = None, u
 
     from prometheus_client import start_http_server
 
+    from features.errors import FeatureStoreError
     from tokenizer.sid_table import SIDTableError
     from trainer.checkpoint import CheckpointError
     from trainer.continuous import ContinuousError, ContinuousTrainer
@@ -110,8 +127,8 @@ def train_continuous(cfg: PlumConfig, stop=None, max_steps: int | None = None, u
     metrics = TrainerMetrics()
     try:
         trainer = ContinuousTrainer(cfg.trainer, paths, Path(cpt_dir) if cpt_dir else None, say=click.echo,
-                                    metrics=metrics)
-    except (ContinuousError, CheckpointError, SIDTableError) as exc:
+                                    metrics=metrics, feature_source=lambda: registered_features(cfg))
+    except (ContinuousError, CheckpointError, SIDTableError, FeatureStoreError) as exc:
         raise PlumError(str(exc)) from None
     port = cfg.trainer.continuous.metrics_port
     if port:

@@ -25,6 +25,7 @@ class ContinuousSettings(BaseModel):
     export_margin: float = Field(0.01, ge=0.0)  # Recall@10 / NDCG@10 may trail the served version by this much
     report_every_s: float = Field(10.0, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus metrics over HTTP; 0 = off
+    migrate_sid_versions: bool = True  # adopt a refitted SID version at the next checkpoint boundary
 
 
 class TrainerSettings(BaseModel):

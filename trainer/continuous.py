@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tokenizer.sid_table import SIDTable, load_table
+from tokenizer.sid_table import SIDTable, load_table, versions
 from trainer.checkpoint import CheckpointError, decoder_config_from_json, decoder_config_json, load_model
 from trainer.config import TrainerSettings
 from trainer.data import Catalogue, history_tokens, pack_batch, target_weights
@@ -50,7 +50,8 @@ from trainer.retrieval import Recommender, RetrievalSettings, evaluate
 from trainer.servable import export_version, load_version, served_version
 from trainer.stream import LoggedEvent, Stream
 from trainer.train import OptimConfig, TrainLoop
-from trainer.vocab import VocabLayout
+from trainer.resize import resize_state, token_sources
+from trainer.vocab import FeatureSpec, VocabLayout, suffix_capacity
 
 Say = Callable[[str], None]
 STATUS = "status.json"
@@ -115,6 +116,7 @@ class HeldOut:
     rewards: tuple[tuple[float, ...], ...]
     seen: tuple[tuple[str, ...], ...]
     targets: tuple[str, ...]
+    contexts: tuple[dict[str, Any], ...]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -134,7 +136,8 @@ def evaluate_held_out(model: Decoder, layout: VocabLayout, items: ItemCatalogue,
     targets = np.array([items.index.get(t, unknown) for t in held.targets], np.int32)
     eval_set = EvalSet(np.arange(len(held)), tuple(histories), targets, tuple(seen))
     recommender = Recommender(model, layout, items.catalogue, max_history)
-    metrics, _ = evaluate(recommender, eval_set, rewards, beam_width, min(batch, max(len(held), 1)))
+    metrics, _ = evaluate(recommender, eval_set, rewards, beam_width, min(batch, max(len(held), 1)),
+                          contexts=held.contexts)
     metrics["examples"] = len(held)
     return metrics
 
@@ -160,8 +163,10 @@ class ContinuousTrainer:
     """The loop's state and its steps; `run` drives it until stopped."""
 
     def __init__(self, settings: TrainerSettings, paths: ContinuousPaths, cpt_dir: Path | None,
-                 say: Say = print, metrics: TrainerMetrics | None = None) -> None:
+                 say: Say = print, metrics: TrainerMetrics | None = None,
+                 feature_source: Callable[[], Sequence[FeatureSpec]] | None = None) -> None:
         self.settings, self.paths, self.say, self.metrics = settings, paths, say, metrics
+        self.feature_source = feature_source
         self.cfg = settings.continuous
         options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True,
                                                cleanup_tmp_directories=True, enable_async_checkpointing=True)
@@ -251,7 +256,7 @@ class ContinuousTrainer:
         if not keep.any():
             return None
         items = [self.items.index[e.item_id] for e in window]
-        tokens = history_tokens(self.layout, self.items.catalogue, items, [e.reward for e in window])
+        tokens = history_tokens(self.layout, self.items.catalogue, items, [e.reward for e in window], event.context)
         return tokens, target_weights(self.layout, len(items), keep.tolist())
 
     def next_batch(self) -> tuple[dict[str, np.ndarray] | None, int]:
@@ -299,8 +304,8 @@ class ContinuousTrainer:
             before = self.stream.before(event)
             recent = before[-self.max_history:]
             rows.append((tuple(e.item_id for e in recent), tuple(e.reward for e in recent),
-                         tuple(e.item_id for e in before), event.item_id))
-        return HeldOut(*(tuple(col) for col in zip(*rows))) if rows else HeldOut((), (), (), ())
+                         tuple(e.item_id for e in before), event.item_id, event.context))
+        return HeldOut(*(tuple(col) for col in zip(*rows))) if rows else HeldOut((), (), (), (), ())
 
     def _served(self) -> tuple[int, Decoder, dict[str, Any], ItemCatalogue] | None:
         number = served_version(self.paths.model_dir)
@@ -338,6 +343,7 @@ class ContinuousTrainer:
         report.update(step=step, at=_now(), loss=self.loss)
         if "model" in report:
             self.last_eval = report  # the status keeps the newest evaluated checkpoint's figures
+        changed = self._adopt_vocabulary_changes()
         self._save(step)
         if "model" in report:
             passed, reason = export_gate(report["model"], report.get("served"), report.get("served_version"),
@@ -347,6 +353,8 @@ class ContinuousTrainer:
                      f"{figures['recall@10']:.4f} ndcg@10 {figures['ndcg@10']:.4f} invalid-SID rate "
                      f"{figures['invalid_sid_rate']:.4f}")
             last = self.exports[-1]["step"] if self.exports else None
+            if passed and changed:
+                passed, reason = False, f"{changed}; the next checkpoint is evaluated in the new vocabulary"
             if passed and (step == 0 or step == last):
                 passed, reason = False, ("nothing trained since the CPT checkpoint" if step == 0
                                          else f"unchanged since version {self.exports[-1]['version']}")
@@ -359,6 +367,50 @@ class ContinuousTrainer:
             self.say(f"train continuous: checkpoint {step} (no held-out events to evaluate; nothing exported)")
         report["boundary_s"] = round(time.monotonic() - started, 3)
         self.write_status()
+
+    def _adopt_vocabulary_changes(self) -> str:
+        """At a boundary: migrate to a newer SID version, append newly registered context features.
+        Returns what changed ("" when nothing did)."""
+        changes = []
+        newest = versions(self.paths.sid_dir)
+        if self.cfg.migrate_sid_versions and newest and newest[-1] > int(self.origin["sid_version"]):
+            old = load_table(self.paths.sid_dir, int(self.origin["sid_version"]))
+            new = load_table(self.paths.sid_dir, newest[-1])
+            layout = VocabLayout(tuple(new.codebook_sizes), suffix_capacity(new.suffix_size),
+                                 self.layout.reward_buckets, self.layout.features, self.layout.text_ids)
+            sources = token_sources(self.layout, layout, {i: old.sid(i) for i in old.codes},
+                                    {i: new.sid(i) for i in new.codes})
+            self._resize(layout, sources, sid_version=new.version)
+            changes.append(f"migrated from SID version {old.version} to {new.version}: new SID rows start from the "
+                           f"mean of the old rows of the items that share each new code; optimizer moments of "
+                           f"changed rows reset")
+        known = {spec.name for spec in self.layout.features}
+        added = [spec for spec in (self.feature_source() if self.feature_source else []) if spec.name not in known]
+        if added:
+            layout = self.layout.with_features(added)
+            self._resize(layout, token_sources(self.layout, layout))
+            changes.append(f"context features {', '.join(s.name for s in added)} joined the prompt "
+                           f"({layout.size - sum(s.size for s in added):,} rows kept, "
+                           f"{sum(s.size for s in added)} added)")
+        for change in changes:
+            self.say(f"train continuous: step {self.loop.step_count}: {change}")
+        return "; ".join(changes)
+
+    def _resize(self, layout: VocabLayout, sources: list[list[int]], sid_version: int | None = None) -> None:
+        """Rebuild model and optimizer state for a new vocabulary layout (trainer/resize.py)."""
+        state = resize_state(self.loop.state_dict(), self.layout.size, sources, seed=self.loop.step_count)
+        cfg = decoder_config_from_json(self.origin["model_config"]).replace(vocab_size=layout.size)
+        step = self.loop.step_count
+        self.loop = TrainLoop(Decoder(cfg, nnx.Rngs(0)), self._optim())
+        self.loop.load_state_dict(state)
+        self.loop.step_count = step
+        self.layout = layout
+        schema = {**self.origin["prompt_schema"], "features": layout.to_json()["features"]}
+        self.origin = {**self.origin, "model_config": decoder_config_json(cfg), "vocabulary": layout.to_json(),
+                       "prompt_schema": schema,
+                       "sid_version": sid_version if sid_version is not None else self.origin["sid_version"]}
+        self.items = self._load_items()
+        self._served_cache = None if sid_version is not None else self._served_cache
 
     def _data_state(self, step: int) -> dict[str, Any]:
         return {"origin": self.origin, "step": step, "stream": self.stream.state(),

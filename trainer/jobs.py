@@ -25,7 +25,7 @@ from trainer.evaluate import EvalSet, UserSequences, leave_one_out
 from trainer.retrieval import (
     Recommender, RetrievalSettings, evaluate, init_model, make_catalogue, text_vocabulary, train_stages,
 )
-from trainer.vocab import VocabLayout
+from trainer.vocab import VocabLayout, suffix_capacity
 
 Say = Callable[[str], None]
 PROMPT_FORMAT = "behaviour-v1"  # <bos> [<ctx> features] <hist> SID r SID r ... (trainer/data.py)
@@ -70,7 +70,8 @@ def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], enc
         rewards.append(group["reward"].to_numpy(np.float32))
     encoded = [encode(titles.get(item) or "") if titles.get(item) else [] for item in item_ids]
     if layout is None:
-        layout = VocabLayout(tuple(table.codebook_sizes), table.suffix_size, text_ids=text_vocabulary(encoded))
+        layout = VocabLayout(tuple(table.codebook_sizes), suffix_capacity(table.suffix_size),
+                             text_ids=text_vocabulary(encoded))
     elif layout.codebook_sizes != tuple(table.codebook_sizes) or layout.suffix_size < table.suffix_size:
         raise TrainingDataError(f"SID version {table.version} ({table.codebook_sizes}, {table.suffix_size} suffixes) "
                                 "does not fit the checkpoint's vocabulary; run `plum train cpt` on it first.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,13 +136,16 @@ class Recommender:
         self.prompt_length = prefix_length(layout) + max_history * (layout.sid_depth + 1)
 
     def search(self, histories: Sequence[Sequence[int]], rewards: Sequence[Sequence[float]], beam_width: int,
-               batch_size: int, constrained: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               batch_size: int, constrained: bool = True,
+               contexts: Sequence[Mapping[str, object] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Beam items [n, beam_width] (dense indices, -1 for none or, unconstrained, for an invalid SID)
-        and their scores, batch by batch."""
+        and their scores, batch by batch; `contexts` are the requests' context-feature values."""
         items, scores = [], []
+        contexts = contexts if contexts is not None else [None] * len(histories)
         for start in range(0, len(histories), batch_size):
-            prompts = [history_tokens(self.layout, self.catalogue, h[-self.max_history:], r[-self.max_history:])
-                       for h, r in zip(histories[start:start + batch_size], rewards[start:start + batch_size])]
+            stop = start + batch_size
+            prompts = [history_tokens(self.layout, self.catalogue, h[-self.max_history:], r[-self.max_history:], c)
+                       for h, r, c in zip(histories[start:stop], rewards[start:stop], contexts[start:stop])]
             real = len(prompts)
             prompts += [prompts[-1]] * (batch_size - real)  # a fixed batch shape compiles once
             tokens, mask = left_pad(prompts, self.prompt_length)
@@ -164,8 +167,8 @@ def top_k_unseen(beam_items: np.ndarray, seen: Sequence[np.ndarray] | None, k: i
 
 
 def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequence[float]], beam_width: int,
-             batch_size: int, exclude_seen: bool = True, k: int = 10, invalid_rate_users: int = 0
-             ) -> tuple[dict[str, float], np.ndarray]:
+             batch_size: int, exclude_seen: bool = True, k: int = 10, invalid_rate_users: int = 0,
+             contexts: Sequence[Mapping[str, object] | None] | None = None) -> tuple[dict[str, float], np.ndarray]:
     """Recall/NDCG@5/10, the effective vocabulary of the top-k lists and the invalid-SID rate of
     the constrained beams; returns (metrics, ranked).
 
@@ -173,7 +176,7 @@ def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequ
     k beams, whose share of SIDs that map to no item is the model's invalid-SID rate (the
     constrained search's is 0 by construction).
     """
-    beams, scores = recommender.search(eval_set.histories, rewards, beam_width, batch_size)
+    beams, scores = recommender.search(eval_set.histories, rewards, beam_width, batch_size, contexts=contexts)
     ranked = top_k_unseen(beams, eval_set.seen if exclude_seen else None, k)
     metrics = rank_metrics(ranked, eval_set.targets, ks=tuple(sorted({min(5, k), k})))
     metrics["effective_vocabulary"] = effective_vocabulary(ranked)
@@ -181,6 +184,7 @@ def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequ
     metrics["users"] = len(ranked)
     if invalid_rate_users:
         n = min(invalid_rate_users, len(ranked))
-        free, scores = recommender.search(eval_set.histories[:n], rewards[:n], k, batch_size, constrained=False)
+        free, scores = recommender.search(eval_set.histories[:n], rewards[:n], k, batch_size, constrained=False,
+                                          contexts=None if contexts is None else contexts[:n])
         metrics["invalid_sid_rate_unconstrained"] = invalid_share(free, scores)
     return metrics, ranked

@@ -17,6 +17,7 @@ example exactly once in the model's lineage.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ingest.training_log import HOUR
 
-COLUMNS = ["event_id", "user_id", "item_id", "event_time", "reward", "kafka_partition", "kafka_offset"]
+COLUMNS = ["event_id", "user_id", "item_id", "event_time", "reward", "kafka_partition", "kafka_offset", "context"]
 DIGEST_MOD = 2 ** 64
 
 
@@ -49,6 +50,11 @@ class LoggedEvent:
     item_id: str
     reward: float
     order: tuple[int, int, int]
+    context_json: str | None = None  # the event's context-feature values (JSON object), as logged
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return json.loads(self.context_json) if self.context_json else {}
 
 
 def published_files(root: Path) -> list[str]:
@@ -67,7 +73,7 @@ def read_events(root: Path, relative: str) -> list[LoggedEvent]:
         micros = int(when.timestamp() * 1_000_000)
         out.append(LoggedEvent(event_id, str(table["user_id"][i]), str(table["item_id"][i]),
                                float(table["reward"][i]), (micros, int(table["kafka_partition"][i]),
-                                                           int(table["kafka_offset"][i]))))
+                                                           int(table["kafka_offset"][i])), table["context"][i]))
     return out
 
 

@@ -20,6 +20,12 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<hist>", "<item>", "<title>", "
 PAD, BOS, EOS, UNK, HIST, ITEM, TITLE, SID, CTX = range(len(SPECIALS))
 
 
+def suffix_capacity(needed: int) -> int:
+    """Collision-suffix tokens a new vocabulary reserves: the table's need plus headroom, so items
+    the tokenizer adds later (which may collide more) still fit without a new vocabulary."""
+    return needed + max(4, needed)
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """A context feature as prompt tokens: one token per categorical value, or per numeric bucket.

@@ -19,14 +19,14 @@ import pytest
 from tests.support.stream_world import (
     CLUSTERS, LogWriter, catalogue_items, user_events, write_cpt_checkpoint, write_sid_table,
 )
-from tokenizer.sid_table import load_table, update_items
+from tokenizer.sid_table import load_table, new_table, save_table, update_items
 from trainer.checkpoint import MANIFEST
 from trainer.config import ContinuousSettings, TrainerSettings
 from trainer.continuous import ContinuousPaths, ContinuousTrainer, ItemCatalogue
 from trainer.retrieval import Recommender
 from trainer.servable import ITEMS, LABELS, load_version, version_numbers
 from trainer.stream import event_digest
-from trainer.vocab import VocabLayout
+from trainer.vocab import FeatureSpec, VocabLayout
 
 pytestmark = pytest.mark.integration
 
@@ -220,3 +220,73 @@ def test_a_version_that_fails_its_gate_is_not_exported_and_the_reason_is_logged(
     status = json.loads(bad_paths.status.read_text())
     assert "trails served version" in status["last_eval"]["export_refused"]
     assert status["last_eval"]["served_version"] == served
+
+
+def test_a_refitted_sid_version_is_adopted_at_a_checkpoint_boundary(tmp_path):
+    paths, log, cpt = _world(tmp_path, history_steps=6)
+    said: list[str] = []
+    trainer = ContinuousTrainer(_settings(checkpoint_every_steps=60, eval_examples=40, idle_after_steps=150),
+                                paths, cpt, say=said.append)
+    log.publish([e for u in range(USERS) for e in user_events(u, 3, start_step=6)])
+    trainer.run(until_drained=True)
+    # A refit: other codes for every item, and a wider first level.
+    items = catalogue_items()
+    codes = np.array([[(int(i.split("-")[1]) * 2 + 1) % 8, (int(i.split("-")[2]) + 5) % 16] for i in items])
+    save_table(paths.sid_dir, new_table(2, items, codes, (8, 16), parent_version=1))
+    log.publish([e for u in range(USERS) for e in user_events(u, 1, start_step=9)])
+    trainer.run(until_drained=True)
+    assert any("migrated from SID version 1 to 2" in m for m in said), said
+    assert trainer.layout.codebook_sizes == (8, 16) and trainer.loop.model().cfg.vocab_size == trainer.layout.size
+    log.publish([e for u in range(USERS) for e in user_events(u, 1, start_step=10)])
+    trainer.run(until_drained=True)
+    trainer.close()
+    _, manifest, item_ids, sids = load_version(paths.model_dir, version_numbers(paths.model_dir)[-1])
+    assert manifest["sid_version"] == 2
+    table = load_table(paths.sid_dir, 2)
+    assert [tuple(row) for row in sids.tolist()] == [table.sid(i) for i in item_ids]
+    assert manifest["eval"]["recall@10"] > 0.2, manifest["eval"]  # it retrieves in the new SIDs
+
+    resumed = ContinuousTrainer(_settings(), paths, None, say=lambda m: None)  # a restart speaks version 2
+    assert resumed.layout.codebook_sizes == (8, 16) and resumed.origin["sid_version"] == 2
+    resumed.close()
+
+
+def test_a_registered_context_feature_joins_the_prompt_without_a_restart(tmp_path):
+    paths, log, cpt = _world(tmp_path, history_steps=6)
+    registry: list[FeatureSpec] = []
+    said: list[str] = []
+    trainer = ContinuousTrainer(_settings(checkpoint_every_steps=30, idle_after_steps=40), paths, cpt,
+                                say=said.append, feature_source=lambda: list(registry))
+    log.publish([e for u in range(USERS) for e in user_events(u, 3, start_step=6)])
+    trainer.run(until_drained=True)
+    old_size = trainer.layout.size
+
+    registry.append(FeatureSpec("device", "categorical", ("tv", "phone")))
+    with_context = [e.model_copy(update={"context": {"device": "tv" if u % 2 else "phone"}})
+                    for u in range(USERS) for e in user_events(u, 1, start_step=9)]
+    log.publish(with_context)
+    trainer.run(max_steps=trainer.loop.step_count + 1)  # one boundary adopts the feature, one step trains
+    assert any("context features device joined the prompt" in m for m in said), said
+    assert trainer.layout.size == old_size + 3 and [f.name for f in trainer.layout.features] == ["device"]
+    rows = np.asarray(trainer.loop.model().embed.embedding[...])
+    assert rows.shape[0] == old_size + 3
+    log.publish([e.model_copy(update={"context": {"device": "tv"}})
+                 for u in range(USERS) for e in user_events(u, 1, start_step=10)])
+    trainer.run(until_drained=True)
+    trainer.close()
+    _, manifest, _, _ = load_version(paths.model_dir, version_numbers(paths.model_dir)[-1])
+    assert [f["name"] for f in manifest["prompt_schema"]["features"]] == ["device"]
+    assert manifest["vocabulary"]["size"] == old_size + 3
+    assert np.isfinite(rows).all()
+
+
+def test_vocabulary_growth_keeps_every_old_row(tmp_path):
+    paths, log, cpt = _world(tmp_path)
+    trainer = ContinuousTrainer(_settings(), paths, cpt, say=lambda m: None,
+                                feature_source=lambda: [FeatureSpec("hour", "numeric", edges=(6.0, 12.0, 18.0))])
+    before = np.asarray(trainer.loop.model().embed.embedding[...]).copy()
+    assert trainer._adopt_vocabulary_changes().startswith("context features hour")
+    after = np.asarray(trainer.loop.model().embed.embedding[...])
+    trainer.close()
+    np.testing.assert_array_equal(after[:len(before)], before)
+    assert after.shape[0] == len(before) + 4
