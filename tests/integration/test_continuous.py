@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +65,8 @@ def _env(state: Path) -> dict[str, str]:
 class TrainerProcess:
     """`plum train --continuous` in a subprocess, its output collected by a thread."""
 
-    def __init__(self, state: Path, *args: str) -> None:
-        env = {**_env(state), "PYTHONUNBUFFERED": "1"}
+    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        env = {**_env(state), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen([sys.executable, "-m", "ops.cli", "train", "--continuous", *args], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -95,6 +97,12 @@ class TrainerProcess:
         return self.output
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _status(paths: ContinuousPaths) -> dict:
     try:
         return json.loads(paths.status.read_text())
@@ -109,8 +117,12 @@ def test_kill_9_in_training_and_in_a_save_loses_and_repeats_no_example(tmp_path)
     log.publish(fresh[:120])
     log.publish(fresh[120:])
 
-    first = TrainerProcess(state)
+    port = _free_port()
+    first = TrainerProcess(state, env={"PLUM_TRAINER__CONTINUOUS__METRICS_PORT": str(port)})
     first.wait_for(lambda: _status(paths).get("step", 0) >= 12)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    step = [line for line in metrics.splitlines() if line.startswith("plum_trainer_step ")]
+    assert step and float(step[0].split()[1]) >= 1, metrics  # the gauges follow the running trainer
     first.kill_9()  # mid-training: the steps after the last checkpoint are lost, their examples not
 
     later = [e for u in range(USERS) for e in user_events(u, 3, start_step=9)]
