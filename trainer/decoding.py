@@ -152,6 +152,7 @@ def beam_search(
     beam_width: int,
     constrained: bool = True,
     max_len: int | None = None,
+    banned: jax.Array | None = None,
 ) -> BeamResult:
     """Top `beam_width` SIDs per user for left-padded prompts `[B, T]` (jittable; D steps unrolled).
 
@@ -159,6 +160,8 @@ def beam_search(
     d only tokens that continue a valid SID prefix may be chosen, so every live beam is a distinct item.
     Unconstrained: any vocabulary token may be chosen; items are looked up afterwards (-1 = invalid SID), which
     measures the model's invalid-SID rate. `max_len` is the cache length, at least T + D - 1 (the default).
+    `banned: bool [B, n_items]` (constrained only) removes items per user at the last depth, so a user's
+    beams are spent on items not banned (the items a user has already seen, when the caller excludes them).
     """
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
         raise ValueError(
@@ -186,7 +189,11 @@ def beam_search(
         beam_bias = scores - jax.nn.logsumexp(last_logits, axis=-1)  # [B, beams_in]
         if constrained:
             # dead beams (node -1) read row 0, harmlessly: their bias is already -inf
-            valid = jnp.asarray(table)[jnp.maximum(nodes, 0)] >= 0  # [B, beams_in, width]
+            child = jnp.asarray(table)[jnp.maximum(nodes, 0)]  # [B, beams_in, width]
+            valid = child >= 0
+            if banned is not None and d == trie.depth - 1:
+                flat = jnp.maximum(child, 0).reshape(batch, -1)
+                valid = valid & ~jnp.take_along_axis(banned, flat, axis=1).reshape(child.shape)
             scores, parent, token = _top_k(
                 jnp.where(valid, last_logits[..., offset : offset + width], -jnp.inf), beam_bias, beam_width)
             token = token + offset

@@ -121,9 +121,10 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _search(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, trie: SIDTrie,
-            beam_width: int, constrained: bool) -> BeamResult:
+            beam_width: int, constrained: bool, banned: jax.Array | None) -> BeamResult:
     model = nnx.merge(graphdef, state)
-    return beam_search(model.extend, model.init_cache, tokens, mask, trie, beam_width, constrained)
+    return beam_search(model.extend, model.init_cache, tokens, mask, trie, beam_width, constrained,
+                       banned=banned)
 
 
 class Recommender:
@@ -137,9 +138,11 @@ class Recommender:
 
     def search(self, histories: Sequence[Sequence[int]], rewards: Sequence[Sequence[float]], beam_width: int,
                batch_size: int, constrained: bool = True,
-               contexts: Sequence[Mapping[str, object] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               contexts: Sequence[Mapping[str, object] | None] | None = None,
+               exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Beam items [n, beam_width] (dense indices, -1 for none or, unconstrained, for an invalid SID)
-        and their scores, batch by batch; `contexts` are the requests' context-feature values."""
+        and their scores, batch by batch; `contexts` are the requests' context-feature values;
+        `exclude` lists per request items the constrained search must not return (seen items)."""
         items, scores = [], []
         contexts = contexts if contexts is not None else [None] * len(histories)
         for start in range(0, len(histories), batch_size):
@@ -149,8 +152,14 @@ class Recommender:
             real = len(prompts)
             prompts += [prompts[-1]] * (batch_size - real)  # a fixed batch shape compiles once
             tokens, mask = left_pad(prompts, self.prompt_length)
+            banned = None
+            if exclude is not None and constrained:
+                banned = np.zeros((batch_size, len(self.catalogue.item_sids)), bool)
+                for row, items_seen in enumerate(exclude[start:start + real]):
+                    banned[row, np.asarray(items_seen, np.int64)] = True
+                banned = jnp.asarray(banned)
             result = _search(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask), self.trie, beam_width,
-                             constrained)
+                             constrained, banned)
             items.append(np.asarray(result.items)[:real])
             scores.append(np.asarray(result.scores)[:real])
         return np.concatenate(items), np.concatenate(scores)
@@ -176,7 +185,8 @@ def evaluate(recommender: Recommender, eval_set: EvalSet, rewards: Sequence[Sequ
     k beams, whose share of SIDs that map to no item is the model's invalid-SID rate (the
     constrained search's is 0 by construction).
     """
-    beams, scores = recommender.search(eval_set.histories, rewards, beam_width, batch_size, contexts=contexts)
+    beams, scores = recommender.search(eval_set.histories, rewards, beam_width, batch_size, contexts=contexts,
+                                       exclude=eval_set.seen if exclude_seen else None)
     ranked = top_k_unseen(beams, eval_set.seen if exclude_seen else None, k)
     metrics = rank_metrics(ranked, eval_set.targets, ks=tuple(sorted({min(5, k), k})))
     metrics["effective_vocabulary"] = effective_vocabulary(ranked)

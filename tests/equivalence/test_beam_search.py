@@ -88,15 +88,17 @@ class ToyModel:
 def compiled_search(beam_width: int, constrained: bool):
     """The search jitted with the parameters as an argument: new toy models reuse the compiled code."""
 
-    def run(params, tokens, mask, trie):
-        return beam_search(partial(toy_step, params), toy_init_cache, tokens, mask, trie, beam_width, constrained)
+    def run(params, tokens, mask, trie, banned=None):
+        return beam_search(partial(toy_step, params), toy_init_cache, tokens, mask, trie, beam_width, constrained,
+                           banned=banned)
 
     return jax.jit(run)
 
 
-def search(model: ToyModel, tokens, mask, trie: SIDTrie, beam_width: int, constrained: bool = True) -> BeamResult:
+def search(model: ToyModel, tokens, mask, trie: SIDTrie, beam_width: int, constrained: bool = True,
+           banned=None) -> BeamResult:
     run = compiled_search(beam_width, constrained)
-    return jax.tree.map(np.asarray, run(model.params, jnp.asarray(tokens), jnp.asarray(mask), trie))
+    return jax.tree.map(np.asarray, run(model.params, jnp.asarray(tokens), jnp.asarray(mask), trie, banned))
 
 
 def make_trie(sids: list[tuple[int, ...]]) -> SIDTrie:
@@ -284,3 +286,19 @@ def test_bad_arguments_raise_value_errors():
         beam_search(model.step, model.init_cache, tokens, mask, trie, 2, max_len=4)
     with pytest.raises(ValueError, match="logits"):
         beam_search(model.step, model.init_cache, tokens, mask, SIDTrie([(12, 18, 22, 30)], RANGES[:3] + ((30, 2),)), 2)
+
+
+def test_banned_items_are_never_returned_and_the_rest_keep_their_teacher_forced_order():
+    sids = catalogue(3, 30)
+    trie, model = make_trie(sids), ToyModel(3)
+    tokens, mask = prompts(4, [5, 5])
+    banned = np.zeros((2, 30), bool)
+    banned[0, [0, 5, 7, 29]] = True
+    banned[1, :20] = True
+    result = search(model, tokens, mask, trie, beam_width=32, banned=jnp.asarray(banned))
+    for row in range(2):
+        reference = teacher_forced(model, tokens[row], np.array(sids))
+        allowed = np.flatnonzero(~banned[row])
+        order = allowed[np.argsort(-reference[allowed])]
+        np.testing.assert_array_equal(result.items[row, :len(order)], order)
+        assert np.all(result.items[row, len(order):] == -1)
