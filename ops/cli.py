@@ -304,6 +304,41 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
     run(_config(ctx), events=events, rate=rate, delay_seconds=delay_seconds, output=output)
 
 
+@bench.command("freshness")
+@click.option("--history-events", type=click.IntRange(min=1000), default=80_000, show_default=True,
+              help="MovieLens-100K events (event-time order) ingested before the live phase; SIDs and the CPT "
+                   "checkpoint are trained on them.")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="Offered load (events/s) of the live replay: the next MovieLens events, re-timed to now.")
+@click.option("--live-seconds", type=click.IntRange(min=1), default=360, show_default=True,
+              help="How long the probes are sent; every event sent in this window is a probe.")
+@click.option("--wait-seconds", type=click.IntRange(min=1), default=360, show_default=True,
+              help="After the last probe, how long to wait (load still offered) for versions that cover the probes.")
+@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--sid-steps", type=click.IntRange(min=1), default=300, show_default=True, help="RQ-VAE steps.")
+@click.option("--cpt-steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--checkpoint-every-s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="The continuous trainer's checkpoint interval (a version needs a checkpoint boundary).")
+@click.option("--min-eval-examples", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Held-out events (one per user) a checkpoint needs before it may be exported.")
+@click.option("--eval-examples", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Newest held-out events evaluated per checkpoint.")
+@click.option("--idle-after-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="History-only steps the trainer runs before the live phase: the trainer-alone throughput.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/freshness.json, which also updates the README table).")
+@click.pass_context
+def bench_freshness(ctx: click.Context, output: str | None, **sizes: Any) -> None:
+    """Freshness of the whole embedded loop under a live replay: delay from an event's send to (a) its
+    effect in the online features and (b) the first servable version whose data watermark includes
+    it, and the continuous trainer's tokens/s alone and with the pipeline ingesting beside it.
+    Target: (b) at most 5 minutes. The defaults take about 15-20 minutes on 2 CPUs."""
+    from ops.bench.freshness import FreshnessRun, run
+
+    run(_config(ctx), FreshnessRun(**sizes), output)
+
+
 @bench.command("sid")
 @click.option("--dataset", "datasets", multiple=True, type=click.Choice(DATASETS),
               default=("movielens-100k", "amazon-beauty"), show_default=True, help="Data sets to run (repeatable).")

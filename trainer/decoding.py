@@ -160,8 +160,9 @@ def beam_search(
     d only tokens that continue a valid SID prefix may be chosen, so every live beam is a distinct item.
     Unconstrained: any vocabulary token may be chosen; items are looked up afterwards (-1 = invalid SID), which
     measures the model's invalid-SID rate. `max_len` is the cache length, at least T + D - 1 (the default).
-    `banned: bool [B, n_items]` (constrained only) removes items per user at the last depth, so a user's
-    beams are spent on items not banned (the items a user has already seen, when the caller excludes them).
+    `banned: bool [B, n_items]` (constrained only) removes items per user: a prefix whose every item is
+    banned is pruned as well, so a user's beams are spent only on items not banned (the items a user has
+    already seen, when the caller excludes them).
     """
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
         raise ValueError(
@@ -179,6 +180,7 @@ def beam_search(
     vocab = logits.shape[-1]
     if trie.vocab_end > vocab:
         raise ValueError(f"The SID ranges end at token {trie.vocab_end} but the model has only {vocab} logits.")
+    blocked = _blocked_children(trie, banned) if banned is not None and constrained else None
     last_logits = logits[:, -1:, :].astype(jnp.float32)  # [B, beams_in=1, V]
     scores = jnp.zeros((batch, 1), jnp.float32)  # only one live beam per user before the first step
     nodes = jnp.zeros((batch, 1), jnp.int32)
@@ -191,9 +193,9 @@ def beam_search(
             # dead beams (node -1) read row 0, harmlessly: their bias is already -inf
             child = jnp.asarray(table)[jnp.maximum(nodes, 0)]  # [B, beams_in, width]
             valid = child >= 0
-            if banned is not None and d == trie.depth - 1:
+            if blocked is not None:
                 flat = jnp.maximum(child, 0).reshape(batch, -1)
-                valid = valid & ~jnp.take_along_axis(banned, flat, axis=1).reshape(child.shape)
+                valid = valid & ~jnp.take_along_axis(blocked[d], flat, axis=1).reshape(child.shape)
             scores, parent, token = _top_k(
                 jnp.where(valid, last_logits[..., offset : offset + width], -jnp.inf), beam_bias, beam_width)
             token = token + offset
@@ -256,6 +258,17 @@ def _top_k(logits: jax.Array, beam_bias: jax.Array, k: int) -> tuple[jax.Array, 
     index = jnp.minimum(index, beams_in * per_beam - 1)
     column = jnp.take_along_axis(best_columns.reshape(batch, -1), index, axis=1)
     return scores, index // per_beam, column.astype(jnp.int32)
+
+
+def _blocked_children(trie: SIDTrie, banned: jax.Array) -> list[jax.Array]:
+    """Per depth d, bool [B, n_nodes_{d+1}]: the nodes a step at depth d may not enter for each user (at the
+    last depth the banned items; above, nodes all of whose valid children are blocked), bottom-up."""
+    blocked = [banned]
+    for table in reversed(trie.children[1:]):
+        table = jnp.asarray(table)  # [n_nodes_d, width_d] child node, or -1
+        below = blocked[0][:, jnp.maximum(table, 0)]  # [B, n_nodes_d, width_d]
+        blocked.insert(0, jnp.all((table < 0)[None] | below, axis=-1))
+    return blocked
 
 
 def _child(table: jax.Array | np.ndarray, nodes: jax.Array, local: jax.Array, width: int) -> jax.Array:

@@ -82,10 +82,11 @@ def _applied(cfg: PlumConfig) -> int:
 class OnlineObserver(threading.Thread):
     """Polls user_history of the probe users; records when each user's event count grows."""
 
-    def __init__(self, store: FeatureStoreClient, users: list[str]) -> None:
+    def __init__(self, store: FeatureStoreClient, users: list[str], interval: float = POLL_INTERVAL_S) -> None:
         super().__init__(daemon=True)
         self.store = store
         self.users = users
+        self.interval = interval
         self.seen: dict[str, list[tuple[int, float]]] = {u: [] for u in users}
         self.stop_event = threading.Event()
 
@@ -98,36 +99,54 @@ class OnlineObserver(threading.Thread):
                 if count == count and count is not None and int(count) > last[user]:
                     last[user] = int(count)
                     self.seen[user].append((int(count), now))
-            time.sleep(POLL_INTERVAL_S)
+            time.sleep(self.interval)
 
 
-def _delays(sent: dict[str, list[float]], seen: dict[str, list[tuple[int, float]]]) -> list[float]:
+def _delays(sent: dict[str, list[float]], seen: dict[str, list[tuple[int, float]]],
+            baseline: dict[str, int] | None = None) -> list[float]:
+    """Send-to-visible delays: a user's k-th sent event (0-based) is visible once the user's event
+    count reaches baseline + k + 1 (baseline: the count before the first send; 0 for new users)."""
     delays = []
     for user, send_times in sent.items():
+        base = baseline.get(user, 0) if baseline else 0
         shown = 0
-        for count, at in seen[user]:
+        for total, at in seen[user]:
+            count = total - base
             delays.extend(at - send_times[k] for k in range(shown, min(count, len(send_times))))
             shown = max(shown, count)
     return delays
 
 
-class StreamingPipeline:
-    """`plum pipeline` as a separate process against the bench's stack."""
+class PlumProcess:
+    """A `plum` command as a separate process against the bench's stack, its output in a log file."""
 
-    def __init__(self, cfg: PlumConfig) -> None:
-        env = {**os.environ, "PLUM_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers}
-        self.log_file = cfg.paths.state("logs", "bench-pipeline.log")
+    def __init__(self, cfg: PlumConfig, args: list[str], log_name: str, env: dict[str, str] | None = None,
+                 stop_timeout: float = 20) -> None:
+        env = {**os.environ, "PLUM_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers, **(env or {})}
+        self.command = "plum " + " ".join(args)
+        self.stop_timeout = stop_timeout
+        self.log_file = cfg.paths.state("logs", log_name)
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ops.cli", "--state-dir", cfg.paths.state_dir, "pipeline"],
+                [sys.executable, "-m", "ops.cli", "--state-dir", cfg.paths.state_dir, *args],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def check(self) -> None:
         if self.process.poll() is not None:
-            raise RuntimeError(f"the streaming pipeline exited; see {self.log_file}")
+            tail = self.log_file.read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError(f"`{self.command}` exited ({self.process.returncode}); the end of {self.log_file}:\n"
+                               + "\n".join(tail))
 
     def stop(self) -> None:
-        stop_process(self.process.pid, timeout=20, process=self.process)
+        """SIGTERM (the process finishes what it must), SIGKILL after stop_timeout."""
+        stop_process(self.process.pid, timeout=self.stop_timeout, process=self.process)
+
+
+class StreamingPipeline(PlumProcess):
+    """`plum pipeline` as a separate process against the bench's stack."""
+
+    def __init__(self, cfg: PlumConfig) -> None:
+        super().__init__(cfg, ["pipeline"], "bench-pipeline.log")
 
 
 def warm_up(cfg: PlumConfig, pipeline: StreamingPipeline, store: FeatureStoreClient, item: str) -> float:
