@@ -266,6 +266,27 @@ def train_sft(ctx: click.Context, steps: int | None, cpt_dir: str | None) -> Non
     run(cfg, cpt_dir)
 
 
+# -- serving --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None, help="gRPC port (default 8500; 0: any free).")
+@click.option("--rest-port", type=click.IntRange(0, 65535), default=None, help="REST port (default 8501; 0: any free).")
+@click.pass_context
+def serve(ctx: click.Context, grpc_port: int | None, rest_port: int | None) -> None:
+    """Serve the model over the TensorFlow Serving API: gRPC PredictionService (Predict,
+    GetModelMetadata) and ModelService (GetModelStatus, HandleReloadConfigRequest), and the same
+    API over REST (/v1/models/<name>:predict). Watches <model_base>/<name>/ for servable versions,
+    loads and warms up a new one before it takes traffic, then unloads the old one. Requests are
+    batched dynamically; histories come from the Feast online store. Management calls need the
+    token in <state>/serving/token (or serving.token_file). Stops on Ctrl-C or SIGTERM."""
+    from ops.serve_jobs import serve as run
+
+    cfg = _config(ctx)
+    changes = {k: v for k, v in {"grpc_port": grpc_port, "rest_port": rest_port}.items() if v is not None}
+    if changes:
+        cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update=changes)})
+    run(cfg)
+
+
 # -- the main job ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)

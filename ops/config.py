@@ -18,6 +18,7 @@ from features.config import FeastConfig
 from ingest.config import KafkaConfig, PipelineConfig
 from tokenizer.config import TokenizeSettings
 from trainer.config import TrainerSettings
+from serving.config import ServingSettings
 from ops.errors import ConfigError
 
 ENV_PREFIX = "PLUM_"
@@ -90,6 +91,7 @@ class PlumConfig(BaseModel):
     feast: FeastConfig = Field(default_factory=FeastConfig)
     tokenizer: TokenizeSettings = Field(default_factory=TokenizeSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @property
     def feast_repo_dir(self) -> Path:

@@ -39,15 +39,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tokenizer.sid_table import SIDTable, load_table, versions
+from tokenizer.sid_table import load_table, versions
 from trainer.checkpoint import CheckpointError, decoder_config_from_json, decoder_config_json, load_model
 from trainer.config import TrainerSettings
-from trainer.data import Catalogue, history_tokens, pack_batch, target_weights
+from trainer.data import history_tokens, pack_batch, target_weights
 from trainer.evaluate import EvalSet
 from trainer.metrics import TrainerMetrics
 from trainer.model import Decoder
 from trainer.retrieval import Recommender, RetrievalSettings, evaluate
-from trainer.servable import export_version, load_version, served_version
+from trainer.servable import ItemCatalogue, export_version, load_version, served_version
 from trainer.stream import LoggedEvent, Stream
 from trainer.train import OptimConfig, TrainLoop
 from trainer.resize import resize_state, token_sources
@@ -78,33 +78,6 @@ class ContinuousPaths:
     @property
     def status(self) -> Path:
         return self.work_dir / STATUS
-
-
-@dataclass(frozen=True)
-class ItemCatalogue:
-    """The items of one SID table version that fit a vocabulary: ids, raw SIDs, token-space catalogue."""
-
-    item_ids: tuple[str, ...]
-    index: dict[str, int]
-    sids: np.ndarray  # [n, levels + 1] codes and suffix
-    catalogue: Catalogue
-    unfit: int  # items whose suffix the vocabulary has no token for
-
-    @classmethod
-    def build(cls, layout: VocabLayout, item_ids: Sequence[str], sids: np.ndarray) -> "ItemCatalogue":
-        sids = np.asarray(sids, np.int64).reshape(len(item_ids), -1)
-        fits = sids[:, -1] < layout.suffix_size if len(sids) else np.zeros(0, bool)
-        kept = [item for item, ok in zip(item_ids, fits) if ok]
-        kept_sids = sids[fits]
-        tokens = np.array([layout.sid_tokens(row) for row in kept_sids.tolist()], np.int32).reshape(
-            len(kept), layout.sid_depth)
-        return cls(tuple(kept), {item: k for k, item in enumerate(kept)}, kept_sids,
-                   Catalogue(tokens, tuple(() for _ in kept)), int((~fits).sum()))
-
-    @classmethod
-    def from_table(cls, layout: VocabLayout, table: SIDTable) -> "ItemCatalogue":
-        item_ids = sorted(table.codes)
-        return cls.build(layout, item_ids, np.array([table.sid(i) for i in item_ids], np.int64))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ complete, and readers ignore everything else.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,11 +23,41 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokenizer.sid_table import SIDTable
 from trainer.checkpoint import MANIFEST, CheckpointError, load_model, save_model
+from trainer.data import Catalogue
 from trainer.model import Decoder
+from trainer.vocab import VocabLayout
 
 ITEMS = "items.parquet"
 LABELS = "labels.json"
+
+
+@dataclass(frozen=True)
+class ItemCatalogue:
+    """The items of one SID table version that fit a vocabulary: ids, raw SIDs, token-space catalogue."""
+
+    item_ids: tuple[str, ...]
+    index: dict[str, int]
+    sids: np.ndarray  # [n, levels + 1] codes and suffix
+    catalogue: Catalogue
+    unfit: int  # items whose suffix the vocabulary has no token for
+
+    @classmethod
+    def build(cls, layout: VocabLayout, item_ids: Sequence[str], sids: np.ndarray) -> "ItemCatalogue":
+        sids = np.asarray(sids, np.int64).reshape(len(item_ids), -1)
+        fits = sids[:, -1] < layout.suffix_size if len(sids) else np.zeros(0, bool)
+        kept = [item for item, ok in zip(item_ids, fits) if ok]
+        kept_sids = sids[fits]
+        tokens = np.array([layout.sid_tokens(row) for row in kept_sids.tolist()], np.int32).reshape(
+            len(kept), layout.sid_depth)
+        return cls(tuple(kept), {item: k for k, item in enumerate(kept)}, kept_sids,
+                   Catalogue(tokens, tuple(() for _ in kept)), int((~fits).sum()))
+
+    @classmethod
+    def from_table(cls, layout: VocabLayout, table: SIDTable) -> "ItemCatalogue":
+        item_ids = sorted(table.codes)
+        return cls.build(layout, item_ids, np.array([table.sid(i) for i in item_ids], np.int64))
 
 
 def version_numbers(model_dir: Path) -> list[int]:

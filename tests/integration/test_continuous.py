@@ -24,9 +24,9 @@ from tests.support.stream_world import (
 from tokenizer.sid_table import load_table, new_table, save_table, update_items
 from trainer.checkpoint import MANIFEST
 from trainer.config import ContinuousSettings, TrainerSettings
-from trainer.continuous import ContinuousPaths, ContinuousTrainer, ItemCatalogue
+from trainer.continuous import ContinuousPaths, ContinuousTrainer
 from trainer.retrieval import Recommender
-from trainer.servable import ITEMS, LABELS, load_version, version_numbers
+from trainer.servable import ITEMS, LABELS, ItemCatalogue, load_version, version_numbers
 from trainer.stream import event_digest
 from trainer.vocab import FeatureSpec, VocabLayout
 
