@@ -16,8 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from trainer.checkpoint import read_manifest
+from trainer.evaluate import top_k_excluding
 from trainer.retrieval import Recommender
-from trainer.servable import ItemCatalogue, load_version
+from trainer.sasrec import score_users
+from trainer.servable import DECODER, SASREC, ItemCatalogue, load_sasrec_version, load_version
 from trainer.vocab import VocabLayout
 
 SUPPORTED_PROMPT_FORMATS = ("behaviour-v1",)
@@ -50,6 +53,11 @@ class Recommendation:
 
 def check_manifest(manifest: dict[str, Any]) -> None:
     """Refuse a version whose manifest this server cannot build prompts for."""
+    kind = manifest.get("kind", DECODER)
+    if kind == SASREC:
+        return
+    if kind != DECODER:
+        raise IncompatibleVersion(f"model kind {kind!r} is not one of {DECODER!r}, {SASREC!r}")
     for key in ("vocabulary", "prompt_schema", "model_config", "sid_version"):
         if key not in manifest:
             raise IncompatibleVersion(f"its manifest has no {key!r}")
@@ -112,3 +120,44 @@ class ServableVersion:
                                       tuple(tuple(int(c) for c in self.items.sids[i]) for i, _ in kept),
                                       tuple(s for _, s in kept), self.version))
         return out
+
+
+class DotProductVersion:
+    """A SASRec version: the user's history -> SASRec's last hidden state -> dot product with every
+    item embedding -> top-k (seen items excluded). The reference an embedding-table system serves."""
+
+    def __init__(self, model_dir: Path, version: int) -> None:
+        self.model, self.manifest, item_ids = load_sasrec_version(model_dir, version)
+        self.version = version
+        self.items = ItemCatalogue(tuple(item_ids), {i: k for k, i in enumerate(item_ids)},
+                                   np.zeros((len(item_ids), 0), np.int64), None, 0)  # type: ignore[arg-type]
+
+    def warm_up(self, max_batch: int) -> None:
+        for size in BATCH_BUCKETS:
+            if size > batch_bucket(max_batch):
+                break
+            score_users(self.model, [np.zeros(0, np.int32)] * size, batch_size=size)
+
+    def recommend(self, requests: Sequence[Request], histories: Sequence[tuple[Sequence[str], Sequence[float]]]
+                  ) -> list[Recommendation]:
+        index = self.items.index
+        known = [np.array([index[i] for i in items if i in index], np.int32) for items, _ in histories]
+        scores = score_users(self.model, known, batch_size=batch_bucket(len(requests)))
+        k = max(r.k for r in requests)
+        exclude = [seen if r.exclude_seen else np.zeros(0, np.int32) for r, seen in zip(requests, known)]
+        ranked = top_k_excluding(scores, k, exclude)
+        out = []
+        for request, row, row_scores in zip(requests, ranked, scores):
+            kept = [int(i) for i in row if i >= 0][:request.k]
+            out.append(Recommendation(tuple(self.items.item_ids[i] for i in kept), tuple(() for _ in kept),
+                                      tuple(float(row_scores[i]) for i in kept), self.version))
+        return out
+
+
+def load_servable(model_dir: Path, version: int, beam_width: int) -> ServableVersion | DotProductVersion:
+    """The servable of a version directory, by its manifest's kind."""
+    manifest = read_manifest(Path(model_dir) / str(version))
+    check_manifest(manifest)
+    if manifest.get("kind", DECODER) == SASREC:
+        return DotProductVersion(model_dir, version)
+    return ServableVersion(model_dir, version, beam_width)

@@ -24,7 +24,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.servable import labels as read_labels
 from trainer.servable import version_numbers
 
-from serving.engine import IncompatibleVersion, ServableVersion
+from serving.engine import DotProductVersion, IncompatibleVersion, ServableVersion, load_servable
 
 State = Literal["START", "LOADING", "AVAILABLE", "UNLOADING", "END"]
 Say = Callable[[str], None]
@@ -54,7 +54,7 @@ class VersionStatus:
     version: int
     state: State = "START"
     error: str = ""
-    loaded: ServableVersion | None = None
+    loaded: ServableVersion | DotProductVersion | None = None
     in_flight: int = 0
     signature: tuple[float, ...] = ()  # the directory's manifest mtime when last tried
 
@@ -120,7 +120,7 @@ class VersionManager:
     def _load(self, status: VersionStatus) -> None:
         started = time.monotonic()
         try:
-            loaded = ServableVersion(self.config.base_path, status.version, self.beam_width)
+            loaded = load_servable(self.config.base_path, status.version, self.beam_width)
             loaded.warm_up(self.max_batch)
         except (CheckpointError, IncompatibleVersion, OSError, ValueError, KeyError) as exc:
             with self.lock:
@@ -185,7 +185,7 @@ class VersionManager:
         stable = labelled.get("stable")
         return stable if stable in available else available[-1]
 
-    def acquire(self, number: int) -> ServableVersion:
+    def acquire(self, number: int) -> ServableVersion | DotProductVersion:
         """Pin an available version for one batch (release it after); raises if it is not available."""
         with self.lock:
             status = self.statuses.get(number)

@@ -42,7 +42,7 @@ def decoder_config_from_json(data: dict[str, Any]) -> DecoderConfig:
     return DecoderConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def save_model(directory: Path, model: Decoder, manifest: dict[str, Any],
+def save_model(directory: Path, model: nnx.Module, manifest: dict[str, Any],
                write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write params + manifest (+ whatever `write_extra` writes into the directory) atomically;
     refuses to overwrite an existing checkpoint."""
@@ -78,11 +78,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_model(directory: Path) -> tuple[Decoder, dict[str, Any]]:
-    """The decoder of a checkpoint and its manifest."""
-    manifest = read_manifest(directory)
-    cfg = decoder_config_from_json(manifest["model_config"])
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+def restore_params(directory: Path, abstract: nnx.Module) -> nnx.Module:
+    """The module `abstract` (from nnx.eval_shape) with the checkpoint's parameters."""
     graphdef, param_state, rest = nnx.split(abstract, nnx.Param, ...)
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(param_state))
     try:
@@ -90,4 +87,11 @@ def load_model(directory: Path) -> tuple[Decoder, dict[str, Any]]:
     except (ValueError, FileNotFoundError) as exc:
         raise CheckpointError(f"Checkpoint {directory} does not match its manifest: {exc}") from None
     nnx.replace_by_pure_dict(param_state, params)
-    return nnx.merge(graphdef, param_state, rest), manifest
+    return nnx.merge(graphdef, param_state, rest)
+
+
+def load_model(directory: Path) -> tuple[Decoder, dict[str, Any]]:
+    """The decoder of a checkpoint and its manifest."""
+    manifest = read_manifest(directory)
+    cfg = decoder_config_from_json(manifest["model_config"])
+    return restore_params(directory, nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))), manifest

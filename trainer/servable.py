@@ -24,13 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenizer.sid_table import SIDTable
-from trainer.checkpoint import MANIFEST, CheckpointError, load_model, save_model
+from trainer.checkpoint import MANIFEST, CheckpointError, load_model, read_manifest, restore_params, save_model
 from trainer.data import Catalogue
 from trainer.model import Decoder
 from trainer.vocab import VocabLayout
 
 ITEMS = "items.parquet"
 LABELS = "labels.json"
+DECODER = "plum-decoder"  # manifest "kind": generative retrieval (the default)
+SASREC = "sasrec-dot"  # the SASRec baseline: dot-product top-K over its item embeddings
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,30 @@ def load_version(model_dir: Path, version: int) -> tuple[Decoder, dict[str, Any]
         raise CheckpointError(f"Version {version} in {model_dir} has no {ITEMS}.")
     items = pq.read_table(directory / ITEMS).to_pydict()
     return model, manifest, list(items["item_id"]), np.array(items["sid"], np.int64).reshape(len(items["item_id"]), -1)
+
+
+def export_sasrec_version(model_dir: Path, model: Any, item_ids: Sequence[str], manifest: dict[str, Any]) -> Path:
+    """Publish a SASRec model (trainer/sasrec.py) as the next version: the serving tier answers it by a
+    dot-product top-K, the reference an embedding-table system would serve. items.parquet lists the
+    items in the model's index order (their SID column is empty)."""
+    sids = np.zeros((len(item_ids), 0), np.int64)
+    return export_version(model_dir, model, {**manifest, "kind": SASREC}, item_ids, sids)
+
+
+def load_sasrec_version(model_dir: Path, version: int) -> tuple[Any, dict[str, Any], list[str]]:
+    """A SASRec version's model, manifest and item ids (index order)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from trainer.sasrec import SASRec, SASRecConfig
+
+    directory = Path(model_dir) / str(version)
+    if version not in version_numbers(model_dir):
+        raise CheckpointError(f"Version {version} is not a complete version in {model_dir}.")
+    manifest = read_manifest(directory)
+    known = {f.name for f in dataclasses.fields(SASRecConfig)}
+    cfg = SASRecConfig(**{k: v for k, v in manifest["model_config"].items() if k in known})
+    model = restore_params(directory, nnx.eval_shape(lambda: SASRec(cfg, nnx.Rngs(0))))
+    items = pq.read_table(directory / ITEMS, columns=["item_id"]).to_pydict()["item_id"]
+    return model, manifest, list(items)
