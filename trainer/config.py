@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ContinuousSettings(BaseModel):
@@ -26,6 +26,13 @@ class ContinuousSettings(BaseModel):
     report_every_s: float = Field(10.0, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus metrics over HTTP; 0 = off
     migrate_sid_versions: bool = True  # adopt a refitted SID version at the next checkpoint boundary
+
+    @model_validator(mode="after")
+    def _eval_sizes(self) -> "ContinuousSettings":
+        if self.min_eval_examples > self.eval_examples:
+            raise ValueError(f"min_eval_examples ({self.min_eval_examples}) cannot exceed eval_examples "
+                             f"({self.eval_examples}): no evaluation could ever pass the gate")
+        return self
 
 
 class TrainerSettings(BaseModel):

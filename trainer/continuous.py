@@ -146,6 +146,7 @@ class ContinuousTrainer:
         self.manager = ocp.CheckpointManager(paths.checkpoints.resolve(), options=options)
         self.rng = np.random.default_rng(settings.seed)
         self.steps_since_fresh = 0
+        self._held_since: float | None = None  # when the oldest held-out event was read
         self.exports: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
         self.last_checkpoint: dict[str, Any] = {}
@@ -236,7 +237,9 @@ class ContinuousTrainer:
         """A batch of fresh and historical rows (None when there is nothing to train), and its fresh rows."""
         size, top = self.settings.batch_size, max(self.stream.reward_max, 1e-6)
         rows: list[tuple[list[int], list[float]]] = []
-        want = round(size * self.cfg.fresh_share)
+        # Catch-up: with more than a batch of fresh examples waiting, batches are all fresh, so a
+        # stream faster than the configured mix can train does not build an ever-growing backlog.
+        want = size if len(self.stream.released) > size else round(size * self.cfg.fresh_share)
         while len(rows) < want and self.stream.released:
             event = self.stream.events[self.stream.take_fresh()]
             if event.item_id not in self.items.index:
@@ -264,6 +267,10 @@ class ContinuousTrainer:
         return pack_batch(rows, buckets, size), fresh
 
     # Evaluation, checkpoints, export --------------------------------------------------------------
+    def held_users(self) -> int:
+        """Distinct users among the held-out events (an evaluation takes one event per user)."""
+        return len({self.stream.events[e].user_id for e in self.stream.pending})
+
     def held_out(self) -> HeldOut:
         """The newest pending event of each user, newest first, at most eval_examples of them."""
         newest: dict[str, LoggedEvent] = {}
@@ -305,13 +312,21 @@ class ContinuousTrainer:
             report["served_version"] = number
         return report
 
-    def boundary(self) -> None:
-        """Evaluate on the held-out slice, release it for training, checkpoint, and export if the gates pass."""
+    def boundary(self, force_eval: bool = False) -> None:
+        """Checkpoint; when the held-out slice is big enough (or has waited `checkpoint_every_s`),
+        evaluate on it first, release it for training, and export if the gates pass."""
         started = time.monotonic()
         self.items = self._load_items()  # re-tokenized items join the catalogue here
         held = self.held_out()
+        waited = time.monotonic() - self._held_since if self._held_since is not None else 0.0
+        if not (force_eval or len(held) >= self.cfg.min_eval_examples or waited >= self.cfg.checkpoint_every_s):
+            # Too few held-out users to judge a model: keep holding them out, checkpoint only.
+            self._save(self.loop.step_count)
+            self.write_status()
+            return
         report = self._evaluate(held)
         self.stream.release()
+        self._held_since = None
         step = self.loop.step_count
         report.update(step=step, at=_now(), loss=self.loss)
         if "model" in report:
@@ -435,6 +450,13 @@ class ContinuousTrainer:
         if self.metrics is not None:
             self.metrics.update(status)
 
+    def poll(self) -> int:
+        """Read new log files; start the held-out clock when the first held-out event arrives."""
+        read = self.stream.poll()
+        if self.stream.pending and self._held_since is None:
+            self._held_since = time.monotonic()
+        return read
+
     # The loop -------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, max_steps: int | None = None,
             until_drained: bool = False) -> None:
@@ -444,24 +466,25 @@ class ContinuousTrainer:
         cfg = self.cfg
         last_poll = last_report = last_boundary = time.monotonic()
         steps_at_boundary, steps_at_report, tokens = self.loop.step_count, self.loop.step_count, 0
-        self.stream.poll()
+        self.poll()
         self.state = "training"
         while not stop.is_set() and (max_steps is None or self.loop.step_count < max_steps):
             now = time.monotonic()
             if now - last_poll >= cfg.poll_interval_s:
-                self.stream.poll()
+                self.poll()
                 last_poll = now
             trained = self.loop.step_count - steps_at_boundary
             due = (trained >= cfg.checkpoint_every_steps
                    or (now - last_boundary >= cfg.checkpoint_every_s and (trained or self.stream.pending))
-                   or (not self.stream.released and len(self.stream.pending) >= cfg.min_eval_examples))
+                   or (not self.stream.released and len(self.stream.pending) >= cfg.min_eval_examples
+                       and self.held_users() >= cfg.min_eval_examples))
             if due:
                 self.boundary()
                 last_boundary, steps_at_boundary = time.monotonic(), self.loop.step_count
             batch, fresh = self.next_batch()
             if batch is None:
                 if until_drained and not self.stream.pending and not self.stream.released \
-                        and self.stream.poll() == 0:
+                        and self.poll() == 0:
                     break
                 self.state = "idle"
                 stop.wait(min(cfg.poll_interval_s, max(0.05, cfg.checkpoint_every_s - (now - last_boundary))))
@@ -480,7 +503,7 @@ class ContinuousTrainer:
                 self.write_status()
         self.state = "stopping"
         if self.loop.step_count != self.manager.latest_step() or self.stream.pending:
-            self.boundary()
+            self.boundary(force_eval=True)
         self.manager.wait_until_finished()
         self.state = "stopped"
         self.write_status()

@@ -302,3 +302,24 @@ def test_vocabulary_growth_keeps_every_old_row(tmp_path):
     trainer.close()
     np.testing.assert_array_equal(after[:len(before)], before)
     assert after.shape[0] == len(before) + 4
+
+
+def test_a_small_held_out_slice_is_held_until_it_is_big_enough_or_old_enough(tmp_path):
+    paths, log, cpt = _world(tmp_path)
+    trainer = ContinuousTrainer(_settings(min_eval_examples=30, eval_examples=40, checkpoint_every_s=0.5), paths, cpt,
+                                say=lambda m: None)
+    log.publish([e for u in range(10) for e in user_events(u, 1, start_step=4)])  # 10 users < 30
+    trainer.poll()
+    trainer.boundary()
+    assert len(trainer.stream.pending) == 10 and not trainer.stream.released  # still held out
+    log.publish([e for u in range(10, USERS) for e in user_events(u, 1, start_step=4)])  # now 40 users
+    trainer.poll()
+    trainer.boundary()
+    assert not trainer.stream.pending and len(trainer.stream.released) == USERS
+    assert trainer.last_eval["examples"] == USERS
+    log.publish([e for u in range(5) for e in user_events(u, 1, start_step=5)])
+    trainer.poll()
+    time.sleep(0.6)  # older than checkpoint_every_s: evaluated and released although small
+    trainer.boundary()
+    trainer.close()
+    assert not trainer.stream.pending and trainer.last_eval["examples"] == 5
