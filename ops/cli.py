@@ -329,6 +329,9 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
 @click.option("--history-events", type=click.IntRange(min=1000), default=80_000, show_default=True,
               help="MovieLens-100K events (event-time order) ingested before the live phase; SIDs and the CPT "
                    "checkpoint are trained on them.")
+@click.option("--order", type=click.Choice(["time", "interleaved"]), default="time", show_default=True,
+              help="Live events in MovieLens' own order (users rate in sittings: 20 consecutive events come from "
+                   "2-3 users), or interleaved (each user's events spread over the live window, own order kept).")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
               help="Offered load (events/s) of the live replay: the next MovieLens events, re-timed to now.")
 @click.option("--live-seconds", type=click.IntRange(min=1), default=360, show_default=True,
@@ -345,7 +348,7 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
               help="Held-out events (one per user) a checkpoint needs before it may be exported.")
 @click.option("--eval-examples", type=click.IntRange(min=1), default=200, show_default=True,
               help="Newest held-out events evaluated per checkpoint.")
-@click.option("--idle-after-steps", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--idle-after-steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="History-only steps the trainer runs before the live phase: the trainer-alone throughput.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/freshness.json, which also updates the README table).")
@@ -430,6 +433,34 @@ def bench_train(sizes: tuple[str, ...], smollm2_layers: int, vocab: int, batch: 
     from ops.bench.train import run
 
     run(sizes, vocab, batch, length, steps, peak_size, output, smollm2_layers)
+
+
+@bench.command("serve")
+@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
+              help="Decoder size (random init) served as PLUM.")
+@click.option("--sft-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="SFT steps of the served decoder: latency depends on its size, not its quality.")
+@click.option("--sid-steps", type=click.IntRange(min=1), default=300, show_default=True, help="RQ-VAE steps.")
+@click.option("--sasrec-epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Training epochs of the SASRec reference.")
+@click.option("--seconds", type=click.FloatRange(min=0.5), default=20.0, show_default=True,
+              help="Load time per concurrency level.")
+@click.option("--concurrency", multiple=True, type=click.IntRange(min=1, max=256), default=(1, 8, 32),
+              show_default=True, help="Client threads per level (repeatable); batching is compared at the largest.")
+@click.option("--swaps", type=click.IntRange(min=1), default=10, show_default=True, help="Hot swaps under load.")
+@click.option("--swap-concurrency", type=click.IntRange(min=1, max=256), default=8, show_default=True,
+              help="Client threads during the hot swaps.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/serve.json, which also updates the README table).")
+@click.pass_context
+def bench_serve(ctx: click.Context, output: str | None, concurrency: tuple[int, ...], **sizes: Any) -> None:
+    """Requests/s and p50/p99 latency of `plum serve` at each concurrency (single-user Predict over gRPC,
+    beam width from serving.beam_width, top-10), with dynamic batching on and off, hot swaps under
+    load, and SASRec's dot-product top-K served by the same server as the reference. Targets: p99 at
+    most 50 ms at concurrency 1, at least 100 requests/s at 32, no failed request over 10 swaps."""
+    from ops.bench.serve import ServeRun, run
+
+    run(_config(ctx), ServeRun(concurrency=tuple(concurrency), **sizes), output)
 
 
 def main(argv: list[str] | None = None) -> None:

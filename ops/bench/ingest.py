@@ -106,7 +106,7 @@ def _delays(sent: dict[str, list[float]], seen: dict[str, list[tuple[int, float]
             baseline: dict[str, int] | None = None) -> list[float]:
     """Send-to-visible delays: a user's k-th sent event (0-based) is visible once the user's event
     count reaches baseline + k + 1 (baseline: the count before the first send; 0 for new users)."""
-    delays = []
+    delays: list[float] = []
     for user, send_times in sent.items():
         base = baseline.get(user, 0) if baseline else 0
         shown = 0
