@@ -438,7 +438,7 @@ def bench_train(sizes: tuple[str, ...], smollm2_layers: int, vocab: int, batch: 
 @bench.command("serve")
 @click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
               help="Decoder size (random init) served as PLUM.")
-@click.option("--sft-steps", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--sft-steps", type=click.IntRange(min=2), default=100, show_default=True,
               help="SFT steps of the served decoder: latency depends on its size, not its quality.")
 @click.option("--sid-steps", type=click.IntRange(min=1), default=300, show_default=True, help="RQ-VAE steps.")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=5, show_default=True,
