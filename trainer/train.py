@@ -49,7 +49,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                            optax.adamw(schedule, weight_decay=cfg.weight_decay))
     warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, max(warmup, 1), max(cfg.total_steps, warmup + 1),
+        0.0, cfg.learning_rate, max(warmup, 1), max(cfg.total_steps, max(warmup, 1) + 1),
         cfg.learning_rate * cfg.end_lr_fraction)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 

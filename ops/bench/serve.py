@@ -53,6 +53,7 @@ from ops.bench.protocol import MAX_HISTORY, ProtocolData, catalogue_frame, prepa
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
 from serving.api import make_tensor
+from serving.config import ServingSettings
 from serving.engine import Request, load_servable
 from serving.user_features import OnlineHistories
 from tokenizer.jobs import fit as fit_sids
@@ -437,7 +438,7 @@ def run(cfg: PlumConfig, serve_run: ServeRun, output: str | None = None) -> dict
             profile[name]["rest_of_p50_at_1_ms"] = round(one["p50_ms"] - parts, 2)
     report = {
         "benchmark": "serve",
-        "command": serve_run.command(),
+        "command": serving_overrides(settings) + serve_run.command(),
         "machine": facts,
         "note": f"the load generator's {max(levels)} client threads run on the same {facts['cpus']} CPUs as "
                 "the server: they take CPU from it",
@@ -466,6 +467,14 @@ def run(cfg: PlumConfig, serve_run: ServeRun, output: str | None = None) -> dict
                                                     for t in report["targets"].values()))
     click.echo(f"bench serve: wrote {path}")
     return report
+
+
+def serving_overrides(settings: ServingSettings) -> str:
+    """The serving settings that differ from the defaults, as the environment that sets them."""
+    defaults = ServingSettings()
+    return "".join(f"PLUM_SERVING__{name.upper()}={getattr(settings, name)} "
+                   for name in ("beam_width", "max_batch", "max_wait_ms", "threads", "poll_interval_s")
+                   if getattr(settings, name) != getattr(defaults, name))
 
 
 def _level(rows: list[dict[str, Any]], clients: int) -> dict[str, Any] | None:
