@@ -4,6 +4,8 @@ state, SID tables under <state>/sid, item SIDs pushed to the Feast view item_sid
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,6 +100,11 @@ def assign(cfg: PlumConfig, every: str | None = None) -> None:
     from tokenizer.sid_table import load_table
 
     interval = parse_duration(every) if every else None
+    if interval is not None and threading.current_thread() is threading.main_thread():
+        # Explicit handlers: a process started in the background inherits SIGINT ignored, and
+        # SIGTERM (what service managers send) should stop the loop the same way.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
     encoder = _encoder(cfg)
     try:
