@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from serving.engine import Recommendation, Request
+from serving.metrics import ServingMetrics
 from serving.versions import VersionManager
 
 History = tuple[Sequence[str], Sequence[float]]
@@ -28,11 +29,10 @@ class Batcher:
     """One worker thread drains the queue into batches per version and answers their futures."""
 
     def __init__(self, manager: VersionManager, histories: HistoryReader, max_batch: int = 32,
-                 max_wait_s: float = 0.002) -> None:
-        self.manager, self.histories = manager, histories
+                 max_wait_s: float = 0.002, metrics: ServingMetrics | None = None) -> None:
+        self.manager, self.histories, self.metrics = manager, histories, metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue: queue.Queue[_Pending | None] = queue.Queue()
-        self.batch_sizes: list[int] = []  # recent batch sizes, for the benchmark and status
         self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
         self._thread.start()
 
@@ -66,7 +66,6 @@ class Batcher:
                     self.queue.put(None)
                     break
                 batch.append(item)
-            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
             for version in sorted({p.version for p in batch}):
                 self._run([p for p in batch if p.version == version], version)
 
@@ -78,6 +77,7 @@ class Batcher:
                 pending.future.set_exception(exc)
             return
         try:
+            started = time.perf_counter()
             stored = self.histories([p.request.user_id for p in group if p.request.history is None])
             histories = []
             for pending in group:
@@ -87,7 +87,12 @@ class Batcher:
                     histories.append((request.history, rewards))
                 else:
                     histories.append(stored.pop(0))
+            read = time.perf_counter()
             results = served.recommend([p.request for p in group], histories)
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(group))
+                self.metrics.batch_seconds.labels("features").observe(read - started)
+                self.metrics.batch_seconds.labels("search").observe(time.perf_counter() - read)
             for pending, result in zip(group, results):
                 pending.future.set_result(result)
         except Exception as exc:  # a failed batch fails its requests, never the worker

@@ -5,6 +5,7 @@
        {"inputs": {"user_id": ["42", "7"], "k": 10}}     -> {"outputs": {item_ids, sids, scores, model_version}}
   GET  /v1/models/<name>[/versions/<v>]                  -> {"model_version_status": [...]}
   GET  /v1/models/<name>[/versions/<v> | /labels/<l>]/metadata -> {"model_spec", "metadata": {"signature_def"}}
+  GET  /monitoring/prometheus/metrics                     -> Prometheus text (serving/metrics.py)
 Errors are {"error": message} with 400 (bad request), 401 (no token), 404 (no such path), 500.
 """
 
@@ -19,14 +20,23 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.api import InvalidRequest, Target, metadata_response, output_arrays, parse_inputs, status_response
+from serving.engine import Request
+from serving.metrics import PATH as METRICS_PATH
 from serving.server import ModelServer
 from serving.versions import UnknownVersion
 
 PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                   r"(?P<suffix>:predict|/metadata)?$")
 MAX_BODY = 4 * 1024 * 1024
+
+
+def _arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """JSON inputs as arrays: strings (user ids, history, context) as objects, numbers as numpy infers."""
+    return {k: np.asarray(v, dtype=object if k in ("user_id", "history", "context") else None)
+            for k, v in inputs.items()}
 
 
 def _jsonable(array: np.ndarray) -> Any:
@@ -43,9 +53,11 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
     def _send(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        self._send_bytes(code, json.dumps(body).encode(), "application/json")
+
+    def _send_bytes(self, code: int, data: bytes, content_type: str) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -63,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _guard(self, method: str) -> None:
         try:
+            if method == "GET" and self.path.split("?", 1)[0] == METRICS_PATH:
+                self._send_bytes(200, self.core.metrics.exposition(), CONTENT_TYPE_LATEST)
+                return
             routed = self._route()
             if routed is None:
                 return
@@ -86,9 +101,21 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length <= 0 or length > MAX_BODY:
             raise InvalidRequest(f"the request body must be a JSON object of at most {MAX_BODY} bytes")
+        body_bytes = self.rfile.read(length)
+        rows: list[bool] = []
+        requests, results = self.core.predict(target, lambda: self._parse(body_bytes, rows))
+        if not rows:
+            outputs = {k: _jsonable(v) for k, v in output_arrays(results, requests[0].k).items()}
+            return {"outputs": {**outputs, "model_version": results[0].version}}
+        return {"predictions": [{"item_ids": list(r.item_ids), "sids": [list(s) for s in r.sids],
+                                 "scores": list(r.scores)} for r in results],
+                "model_version": results[0].version}
+
+    def _parse(self, body_bytes: bytes, rows: list[bool]) -> list[Request]:
+        """The requests of a predict body; appends True to `rows` for the row ("instances") format."""
         try:
-            body = json.loads(self.rfile.read(length))
-        except json.JSONDecodeError as exc:
+            body = json.loads(body_bytes)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"the request body is not JSON: {exc}") from None
         if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
             raise InvalidRequest('the body needs exactly one of "instances" (rows) or "inputs" (columns)')
@@ -96,11 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
         if "inputs" in body:
             if not isinstance(body["inputs"], dict):
                 raise InvalidRequest('"inputs" must be an object of input name -> value')
-            requests = parse_inputs({k: np.asarray(v, dtype=object if k in ("user_id", "history", "context") else None)
-                                     for k, v in body["inputs"].items()}, settings.beam_width, settings.max_batch)
-            results = self.core.predict(target, requests)
-            outputs = {k: _jsonable(v) for k, v in output_arrays(results, requests[0].k).items()}
-            return {"outputs": {**outputs, "model_version": results[0].version}}
+            return parse_inputs(_arrays(body["inputs"]), settings.beam_width, settings.max_batch)
+        rows.append(True)
         instances = body["instances"]
         if not isinstance(instances, list) or not instances or len(instances) > settings.max_batch:
             raise InvalidRequest(f'"instances" must be a list of 1 to {settings.max_batch} objects')
@@ -108,13 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         for instance in instances:
             if not isinstance(instance, dict):
                 raise InvalidRequest('each instance must be an object such as {"user_id": "42", "k": 10}')
-            requests += parse_inputs({k: np.asarray(v, dtype=object if k in ("user_id", "history", "context")
-                                                    else None) for k, v in instance.items()},
-                                     settings.beam_width, settings.max_batch)
-        results = self.core.predict(target, requests)
-        return {"predictions": [{"item_ids": list(r.item_ids), "sids": [list(s) for s in r.sids],
-                                 "scores": list(r.scores)} for r in results],
-                "model_version": results[0].version}
+            requests += parse_inputs(_arrays(instance), settings.beam_width, settings.max_batch)
+        return requests
 
     def do_POST(self) -> None:
         self._guard("POST")

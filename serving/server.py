@@ -9,7 +9,6 @@ failure to a status).
 from __future__ import annotations
 
 import hmac
-import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from serving.api import (
 from serving.batcher import Batcher, HistoryReader
 from serving.config import ServingSettings
 from serving.engine import Recommendation, Request
+from serving.metrics import ServingMetrics
 from serving.versions import ServingConfig, UnknownVersion, VersionManager, VersionPolicy
 
 Say = Callable[[str], None]
@@ -46,10 +46,10 @@ class ModelServer:
         self.settings, self.token, self.say = settings, token, say
         self.manager = VersionManager(config, settings.beam_width, settings.max_batch, say=say,
                                       poll_interval_s=settings.poll_interval_s)
-        self.batcher = Batcher(self.manager, histories, settings.max_batch, settings.max_wait_ms / 1000)
-        self.requests = 0
-        self.latencies: list[float] = []
-        self._count_lock = threading.Lock()
+        self.metrics = ServingMetrics()
+        self.metrics.watch(self.manager)
+        self.batcher = Batcher(self.manager, histories, settings.max_batch, settings.max_wait_ms / 1000,
+                               self.metrics)
 
     @property
     def name(self) -> str:
@@ -62,18 +62,27 @@ class ModelServer:
         self.manager.stop()
         self.batcher.stop()
 
-    def predict(self, target: Target, requests: list[Request]) -> list[Recommendation]:
-        started = time.monotonic()
-        version = self.manager.choose(target.version, target.label)
+    def predict(self, target: Target, parse: Callable[[], list[Request]]) -> tuple[list[Request], list[Recommendation]]:
+        """Parse (a client mistake raises InvalidRequest) and answer one Predict call, counted in the metrics."""
+        started = time.perf_counter()
+        outcome = "error"
         try:
-            results = self.batcher.recommend(requests, version)
-        except UnknownVersion:
-            # The chosen version was unloaded between choosing and batching (a swap): choose again.
-            results = self.batcher.recommend(requests, self.manager.choose(target.version, target.label))
-        with self._count_lock:
-            self.requests += 1
-            self.latencies = (self.latencies + [time.monotonic() - started])[-10_000:]
-        return results
+            requests = parse()
+            version = self.manager.choose(target.version, target.label)
+            try:
+                results = self.batcher.recommend(requests, version)
+            except UnknownVersion:
+                # The chosen version was unloaded between choosing and batching (a swap): choose again.
+                results = self.batcher.recommend(requests, self.manager.choose(target.version, target.label))
+            outcome = "ok"
+            return requests, results
+        except (InvalidRequest, UnknownVersion):
+            outcome = "invalid"
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+            if outcome == "ok":
+                self.metrics.latency.observe(time.perf_counter() - started)
 
     def check_token(self, presented: str | None) -> None:
         if not presented or not hmac.compare_digest(presented.encode(), self.token.encode()):
@@ -134,8 +143,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_guarded
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
         target = target_of(request.model_spec, self.server.name)
-        requests = parse_inputs(grpc_inputs(request), self.server.settings.beam_width, self.server.settings.max_batch)
-        results = self.server.predict(target, requests)
+        settings = self.server.settings
+        requests, results = self.server.predict(
+            target, lambda: parse_inputs(grpc_inputs(request), settings.beam_width, settings.max_batch))
         return predict_response(self.server.name, results, requests[0].k)
 
     @_guarded

@@ -86,9 +86,15 @@ class VersionManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._random = random.Random(0)
+        self._labels = self._read_labels()  # re-read at every poll, not per request
 
     # Source and loader ------------------------------------------------------------------------
     def labels(self) -> dict[str, int]:
+        """The labels as of the last poll (labels.json is re-read every poll_interval_s)."""
+        with self.lock:
+            return dict(self._labels)
+
+    def _read_labels(self) -> dict[str, int]:
         if self.config.labels is not None:
             return dict(self.config.labels)
         try:
@@ -100,7 +106,10 @@ class VersionManager:
     def poll_once(self) -> None:
         """One pass of the source: load what the policy wants, unload what it no longer wants."""
         available = version_numbers(self.config.base_path)
-        wanted = self.config.policy.select(available, self.labels())
+        labelled = self._read_labels()
+        with self.lock:
+            self._labels = labelled
+        wanted = self.config.policy.select(available, labelled)
         for number in sorted(wanted):
             signature = _signature(self.config.base_path / str(number))
             with self.lock:

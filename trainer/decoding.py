@@ -30,6 +30,19 @@ StepFn = Callable[[jax.Array, jax.Array, Cache], tuple[jax.Array, Cache]]
 InitCache = Callable[[int, int], Cache]
 
 
+class BeamSteps(NamedTuple):
+    """Decoding that shares each user's prompt cache among its beams (the model provides both):
+
+    start(cache, beam_width, steps) -> beam cache, from the prefilled prompt cache;
+    step(tokens int32 [B, W], parent int32 [B, W], beam cache) -> (logits [B, W, V], beam cache), where
+    parent[b, w] is the beam that new beam w continues. Without it, beam_search copies every prompt's
+    cache once per beam and reorders the copies at every step.
+    """
+
+    start: Callable[[Cache, int, int], Cache]
+    step: Callable[[jax.Array, jax.Array, Cache], tuple[jax.Array, Cache]]
+
+
 @jax.tree_util.register_pytree_node_class
 class SIDTrie:
     """Every valid SID as dense per-depth child tables, ready for jitted decoding.
@@ -153,6 +166,7 @@ def beam_search(
     constrained: bool = True,
     max_len: int | None = None,
     banned: jax.Array | None = None,
+    beams: BeamSteps | None = None,
 ) -> BeamResult:
     """Top `beam_width` SIDs per user for left-padded prompts `[B, T]` (jittable; D steps unrolled).
 
@@ -162,7 +176,8 @@ def beam_search(
     measures the model's invalid-SID rate. `max_len` is the cache length, at least T + D - 1 (the default).
     `banned: bool [B, n_items]` (constrained only) removes items per user: a prefix whose every item is
     banned is pruned as well, so a user's beams are spent only on items not banned (the items a user has
-    already seen, when the caller excludes them).
+    already seen, when the caller excludes them). `beams`: decode the SID tokens with shared prompt caches
+    (same results, far less memory traffic); the prefill cache then needs only T slots.
     """
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
         raise ValueError(
@@ -172,8 +187,9 @@ def beam_search(
     if beam_width < 1:
         raise ValueError(f"beam_width must be at least 1, got {beam_width}.")
     batch, length = prompt_tokens.shape
-    max_len = length + trie.depth - 1 if max_len is None else max_len
-    if max_len < length + trie.depth - 1:
+    needed = length if beams is not None else length + trie.depth - 1
+    max_len = needed if max_len is None else max_len
+    if max_len < needed:
         raise ValueError(f"max_len {max_len} cannot hold a {length}-token prompt plus a {trie.depth}-token SID.")
 
     logits, cache = step_fn(prompt_tokens.astype(jnp.int32), prompt_mask.astype(bool), init_cache(batch, max_len))
@@ -203,7 +219,12 @@ def beam_search(
             scores, parent, token = _top_k(last_logits, beam_bias, beam_width)
         nodes = _child(table, jnp.take_along_axis(nodes, parent, axis=1), token - offset, width)
         sequences = jnp.concatenate([jnp.take_along_axis(sequences, parent[..., None], axis=1), token[..., None]], -1)
-        if d < trie.depth - 1:
+        if d < trie.depth - 1 and beams is not None:
+            if d == 0:
+                cache = beams.start(cache, beam_width, trie.depth - 1)
+            logits, cache = beams.step(token, parent, cache)
+            last_logits = logits.astype(jnp.float32)
+        elif d < trie.depth - 1:
             rows = (jnp.arange(batch)[:, None] * beams_in + parent).reshape(-1)  # step 0 repeats each user's cache
             cache = jax.tree.map(lambda a: a[rows] if a.ndim else a, cache)
             logits, cache = step_fn(token.reshape(-1, 1), jnp.ones((batch * beam_width, 1), bool), cache)

@@ -120,6 +120,22 @@ class KVCache:
         return self.k.shape[2]
 
 
+@struct.dataclass
+class BeamCache:
+    """The cache of a beam search that shares each user's prompt among its beams.
+
+    prefix: the prompts' KVCache [B, ...] (written once by the prefill, never copied per beam);
+    k, v: [B, W, n_layers, S, K, Dh] the keys and values of the tokens each beam generated;
+    filled: int32 [], generated tokens so far. Reordering beams touches only k and v, so a decoding
+    step moves W * S slots per user instead of W copies of the whole prompt.
+    """
+
+    prefix: KVCache
+    k: jax.Array
+    v: jax.Array
+    filled: jax.Array
+
+
 def _linear(d_in: int, d_out: int, cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
     dtype = cfg.param_dtype
     return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=_INIT, dtype=dtype, param_dtype=dtype, rngs=rngs)
@@ -179,12 +195,16 @@ class Attention(nnx.Module):
         positions: jax.Array,
         allowed: jax.Array,
         past: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        beams: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x [B, T, D], positions [B, T], allowed [B, T, S] -> (out [B, T, D], keys and values attended).
 
         Without `past`, S = T and the keys are this call's. With past = (k, v, start), k/v
         [B, S, K, Dh], this call's keys/values are first written into slots start..start+T and all
-        S slots are attended.
+        S slots are attended. With beams = (prefix k, prefix v [B, P, K, Dh], beam k, beam v
+        [B, T, G, K, Dh], filled): the T tokens are one per beam, each written into its beam's slot
+        `filled`; the keys attended are the prefix's then every beam's (`allowed` [B, T, P + T * G]
+        keeps a beam to its own), and the beam keys and values are returned.
         """
         b, t, _ = x.shape
         cfg = self.cfg
@@ -195,6 +215,14 @@ class Attention(nnx.Module):
             k_past, v_past, start = past
             k = jax.lax.dynamic_update_slice(k_past, k.astype(k_past.dtype), (0, start, 0, 0))
             v = jax.lax.dynamic_update_slice(v_past, v.astype(v_past.dtype), (0, start, 0, 0))
+        if beams is not None:
+            k_prefix, v_prefix, k_beam, v_beam, filled = beams
+            k_beam = jax.lax.dynamic_update_slice(k_beam, k[:, :, None].astype(k_beam.dtype), (0, 0, filled, 0, 0))
+            v_beam = jax.lax.dynamic_update_slice(v_beam, v[:, :, None].astype(v_beam.dtype), (0, 0, filled, 0, 0))
+            flat = (b, -1, cfg.n_kv_heads, cfg.head_dim)
+            keys = jnp.concatenate([k_prefix, k_beam.reshape(flat)], axis=1)
+            values = jnp.concatenate([v_prefix, v_beam.reshape(flat)], axis=1)
+            return self.o_proj(grouped_attention(q, keys, values, allowed)), (k_beam, v_beam)
         return self.o_proj(grouped_attention(q, k, v, allowed)), (k, v)
 
 
@@ -279,12 +307,14 @@ class DecoderBlock(nnx.Module):
         allowed: jax.Array,
         mask: jax.Array,
         past: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        beams: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
         """-> (x [B, T, D], MoE load-balancing loss [] (0 when dense), keys and values attended).
 
-        past: as in Attention, this layer's cached (k, v, start) when extending a KVCache.
+        past, beams: as in Attention, this layer's cached (k, v, start) when extending a KVCache,
+        or its slices of a BeamCache.
         """
-        attended, kv = self.attn(self.attn_norm(x), positions, allowed, past)
+        attended, kv = self.attn(self.attn_norm(x), positions, allowed, past, beams)
         x = x + attended
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEFeedForward):
@@ -341,8 +371,10 @@ class Decoder(nnx.Module):
             filled=jnp.zeros((), jnp.int32),
         )
 
-    def extend(self, tokens: jax.Array, mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Append tokens int32 [B, T] with mask bool [B, T] to the cache -> (logits [B, T, V], new cache).
+    def extend(self, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False
+               ) -> tuple[jax.Array, KVCache]:
+        """Append tokens int32 [B, T] with mask bool [B, T] to the cache -> (logits [B, T, V], new cache);
+        `last_only`: logits of the last position only, [B, 1, V] (a prefill needs no more).
 
         Writes slots filled..filled+T (the caller sizes the cache: under jit a write past the
         end cannot be detected). Padded tokens are stored but never attended to and do not
@@ -372,7 +404,37 @@ class Decoder(nnx.Module):
             position=cache.position + mask.sum(axis=1, dtype=jnp.int32),
             filled=start + t,
         )
-        return self._logits(x), new_cache
+        return self._logits(x[:, -1:] if last_only else x), new_cache
+
+    def start_beams(self, cache: KVCache, beam_width: int, steps: int) -> BeamCache:
+        """A BeamCache over prefilled prompts for `beam_width` beams of up to `steps` generated tokens."""
+        b, layers, _, heads, dh = cache.k.shape
+        empty = jnp.zeros((b, beam_width, layers, steps, heads, dh), cache.k.dtype)
+        return BeamCache(prefix=cache, k=empty, v=empty, filled=jnp.zeros((), jnp.int32))
+
+    def extend_beams(self, tokens: jax.Array, parent: jax.Array, cache: BeamCache) -> tuple[jax.Array, BeamCache]:
+        """One token per beam, tokens int32 [B, W], continuing beams `parent` int [B, W] (each new beam's
+        beam index in `cache`) -> (logits [B, W, V], new cache). Same numbers as `extend` on a cache with
+        each prompt copied W times, without the copies."""
+        b, w = tokens.shape
+        prefix = cache.prefix
+        steps = cache.k.shape[3]
+        users = jnp.arange(b)[:, None]
+        k_beams, v_beams = cache.k[users, parent], cache.v[users, parent]  # follow the parents
+        positions = prefix.position[:, None] + cache.filled + jnp.zeros((1, w), jnp.int32)
+        own = (jnp.eye(w, dtype=bool)[:, :, None] & (jnp.arange(steps) <= cache.filled)[None, None]).reshape(w, -1)
+        allowed = jnp.concatenate([jnp.broadcast_to(prefix.key_mask[:, None, :], (b, w, prefix.max_len)),
+                                   jnp.broadcast_to(own[None], (b, w, w * steps))], axis=-1)
+        x = self.embed(tokens)
+        mask = jnp.ones((b, w), bool)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            x, _, (k, v) = layer(x, positions, allowed, mask,
+                                 beams=(prefix.k[:, i], prefix.v[:, i], k_beams[:, :, i], v_beams[:, :, i], cache.filled))
+            keys.append(k)
+            values.append(v)
+        new = BeamCache(prefix=prefix, k=jnp.stack(keys, axis=2), v=jnp.stack(values, axis=2), filled=cache.filled + 1)
+        return self._logits(x), new
 
     def _check(self, tokens: jax.Array, mask: jax.Array) -> int:
         if tokens.ndim != 2 or tokens.shape != mask.shape:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_tokens, left_pad, prefix_length, sft_batches
-from trainer.decoding import BeamResult, SIDTrie, beam_search, invalid_share
+from trainer.decoding import BeamResult, BeamSteps, SIDTrie, beam_search, invalid_share
 from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
 from trainer.model import DECODER_SIZES, Decoder
 from trainer.train import OptimConfig, TrainLoop
@@ -123,8 +123,9 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
 def _search(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, trie: SIDTrie,
             beam_width: int, constrained: bool, banned: jax.Array | None) -> BeamResult:
     model = nnx.merge(graphdef, state)
-    return beam_search(model.extend, model.init_cache, tokens, mask, trie, beam_width, constrained,
-                       banned=banned)
+    prefill = functools.partial(model.extend, last_only=True)  # the search reads only the last position's logits
+    return beam_search(prefill, model.init_cache, tokens, mask, trie, beam_width, constrained, banned=banned,
+                       beams=BeamSteps(model.start_beams, model.extend_beams))
 
 
 class Recommender:

@@ -22,6 +22,10 @@ def machine() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                 text=True, check=False).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"],
+                                 cwd=PROJECT_ROOT, capture_output=True, text=True, check=False).stdout.strip()
+        if commit and changed:
+            commit += "+uncommitted"  # code edited since that commit ran: the figures are not that commit's
     except OSError:
         commit = ""
     return {

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
@@ -55,6 +57,7 @@ from ops.config import PlumConfig
 from serving.api import make_tensor
 from serving.config import ServingSettings
 from serving.engine import Request, load_servable
+from serving.metrics import PATH as METRICS_PATH
 from serving.user_features import OnlineHistories
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.text_encoder import TextEncoder
@@ -192,7 +195,7 @@ class BenchServer:
                                    stop_timeout=30)
         started = time.monotonic()
         try:
-            while not (match := re.search(r"gRPC on [^:]+:(\d+)", self.log())):
+            while not (match := re.search(r"gRPC on [^:]+:(\d+)[^;\n]*?(?:, REST on (http://[^\s;]+))?;", self.log())):
                 self.process.check()
                 if time.monotonic() - started > START_TIMEOUT_S:
                     raise RuntimeError(f"`{self.process.command}` did not start in {START_TIMEOUT_S:.0f} s:\n"
@@ -202,6 +205,7 @@ class BenchServer:
             self.process.stop()
             raise
         self.start_seconds = round(time.monotonic() - started, 1)
+        self.rest_url = match[2]  # None with REST off: no batch figures then
         self.channel = grpc.insecure_channel(f"127.0.0.1:{match[1]}")
         self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
@@ -215,6 +219,23 @@ class BenchServer:
         response = self.models.GetModelStatus(request, timeout=10)
         names = get_model_status_pb2.ModelVersionStatus.State
         return {s.version: names.Name(s.state) for s in response.model_version_status}
+
+    def batch_totals(self) -> dict[str, float]:
+        """The server's own batch counters (its Prometheus metrics): batches, users, seconds per stage."""
+        totals = {"batches": 0.0, "users": 0.0, "features_s": 0.0, "search_s": 0.0}
+        if self.rest_url is None:
+            return totals
+        with urllib.request.urlopen(self.rest_url + METRICS_PATH, timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "plum_serving_batch_size_count":
+                    totals["batches"] = sample.value
+                elif sample.name == "plum_serving_batch_size_sum":
+                    totals["users"] = sample.value
+                elif sample.name == "plum_serving_batch_seconds_sum":
+                    totals[f"{sample.labels['stage']}_s"] = sample.value
+        return totals
 
     def __enter__(self) -> "BenchServer":
         return self
@@ -297,17 +318,26 @@ def latency_figures(samples: list[Sample]) -> dict[str, Any]:
 
 def measure_level(server: BenchServer, requests: list[predict_pb2.PredictRequest], clients: int,
                   seconds: float) -> dict[str, Any]:
-    """Closed-loop load for `seconds`: throughput over the time until the last request ended."""
+    """Closed-loop load for `seconds`: throughput over the time until the last request ended; the server's
+    mean batch and its time per batch (Feast read, search) over the same interval."""
+    before = server.batch_totals()
     with LoadGenerator(server, requests, clients, seed=clients) as load:
         time.sleep(seconds)
+    after = server.batch_totals()
+    change = {name: after[name] - before[name] for name in after}
+    batches = max(change["batches"], 1.0)
     samples = load.samples
     elapsed = max(s.ended for s in samples) - load.started_at if samples else seconds
     ok = sum(1 for s in samples if s.version)
     figures = {"clients": clients, "requests": ok, "failures": len(samples) - ok,
                "requests_per_s": round(ok / elapsed, 1), **latency_figures(samples),
-               "errors": sorted(set(load.errors))[:5]}
+               "errors": sorted(set(load.errors))[:5],
+               "mean_batch": round(change["users"] / batches, 2),
+               "features_ms_per_batch": round(change["features_s"] / batches * 1000, 2),
+               "search_ms_per_batch": round(change["search_s"] / batches * 1000, 2)}
     click.echo(f"bench serve: {server.label} at {clients} clients: {figures['requests_per_s']} requests/s, "
-               f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, {figures['failures']} failed")
+               f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, {figures['failures']} failed; "
+               f"mean batch {figures['mean_batch']}, search {figures['search_ms_per_batch']} ms per batch")
     return figures
 
 
@@ -499,18 +529,25 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
                               "met": failed == 0 and swaps >= TARGET_SWAPS}}
 
 
+def _batch_cells(row: dict[str, Any]) -> str:
+    if "mean_batch" not in row:
+        return "n/a | n/a"
+    return f"{row['mean_batch']} | {row['features_ms_per_batch']} / {row['search_ms_per_batch']}"
+
+
 def readme_table(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = ["| model | clients | requests/s | p50 (ms) | p99 (ms) | failed |", "|---|---|---|---|---|---|"]
+    lines = ["| model | clients | requests/s | p50 (ms) | p99 (ms) | failed | mean batch | ms per batch (Feast / search) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, label in ((PLUM, f"PLUM ({report['models'][PLUM]['model_size']} decoder, beam {s['beam_width']})"),
                         (SASREC, "SASRec dot-product top-K (reference)")):
         for row in report["levels"][name]:
             lines.append(f"| {label} | {row['clients']} | {row['requests_per_s']:,.1f} | {row['p50_ms']} | "
-                         f"{row['p99_ms']} | {row['failures']} |")
+                         f"{row['p99_ms']} | {row['failures']} | {_batch_cells(row)} |")
     b, w, p = report["batching"], report["swaps"], report["profile"]
     u = b["unbatched"]
     lines.append(f"| PLUM, no batching (max_batch 1) | {u['clients']} | {u['requests_per_s']:,.1f} | {u['p50_ms']} | "
-                 f"{u['p99_ms']} | {u['failures']} |")
+                 f"{u['p99_ms']} | {u['failures']} | {_batch_cells(u)} |")
     lines += ["", "| figure | value |", "|---|---|",
               f"| batching: throughput at {b['clients']} clients, max_batch {s['max_batch']} / max_batch 1 | "
               f"{b['throughput_ratio']}x |",

@@ -186,6 +186,35 @@ def test_rest_predict_and_its_errors(server):
     assert code == 400 and "unknown model" in body["error"]
 
 
+def _metrics(server) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}/monitoring/prometheus/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_prometheus_metrics_count_requests_batches_and_version_states(server):
+    before = _metrics(server)
+    for users in (("user-1",), ("user-2", "user-3"), ("user-4",)):
+        server.predict.Predict(predict_request(users, k=3), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        server.predict.Predict(predict_request(k=0), timeout=30)
+    after = _metrics(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("plum_serving_requests_total", outcome="ok") == 3
+    assert delta("plum_serving_requests_total", outcome="invalid") == 1
+    assert delta("plum_serving_request_seconds_count") == 3
+    assert delta("plum_serving_batch_size_sum") == 4  # four users, in however many batches
+    assert delta("plum_serving_batch_seconds_count", stage="search") == delta("plum_serving_batch_size_count") >= 1
+    assert after[("plum_serving_version_state", (("state", "AVAILABLE"), ("version", "1")))] == 1
+
+
 def test_management_calls_need_the_token(server):
     request = model_management_pb2.ReloadConfigRequest()
     config = request.config.model_config_list.config.add()

@@ -230,3 +230,35 @@ def test_base_config_with_a_50k_vocabulary_traces_without_allocating():
     mask = jax.ShapeDtypeStruct((4, 128), jnp.bool_)
     logits, aux = jax.eval_shape(lambda s, t, m: nnx.merge(graphdef, s)(t, m), state, tokens, mask)
     assert logits.shape == (4, 128, 50_000) and logits.dtype == jnp.float32 and aux.shape == ()
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_beam_search_with_shared_prompt_caches_matches_copied_caches(model, moe_model, moe):
+    """BeamSteps (one prompt cache per user, per-beam caches for the SID tokens only) must give the same
+    beams and scores as the generic search that copies each prompt's cache per beam."""
+    from trainer.decoding import BeamSteps, SIDTrie, beam_search
+
+    chosen = moe_model if moe else model
+    rng = np.random.default_rng(3)
+    ranges = ((10, 4), (14, 4), (18, 3))
+    sids = sorted({tuple(int(o + rng.integers(w)) for o, w in ranges) for _ in range(30)})
+    trie = SIDTrie(sids, ranges)
+    tokens = _tokens(rows=3, length=9, seed=7)
+    mask = jnp.asarray(np.arange(9)[None] >= np.array([[0], [3], [6]]))  # left padding of 0, 3 and 6 tokens
+    banned = jnp.asarray(rng.random((3, len(sids))) < 0.3)
+
+    @partial(jax.jit, static_argnums=(0, 4))
+    def search(graphdef, state, tokens, mask, shared, banned):
+        m = nnx.merge(graphdef, state)
+        steps = BeamSteps(m.start_beams, m.extend_beams) if shared else None
+        return beam_search(partial(m.extend, last_only=shared), m.init_cache, tokens, mask, trie, 5, banned=banned,
+                           beams=steps)
+
+    graphdef, state = nnx.split(chosen)
+    copied = search(graphdef, state, tokens, mask, False, banned)
+    shared = search(graphdef, state, tokens, mask, True, banned)
+    np.testing.assert_array_equal(shared.items, copied.items)
+    np.testing.assert_allclose(shared.scores, copied.scores, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(copied.items) >= 0).sum() >= 10  # the comparison covers real beams
+    assert not np.asarray(banned)[np.arange(3)[:, None], np.maximum(np.asarray(shared.items), 0)][
+        np.asarray(shared.items) >= 0].any()
