@@ -287,6 +287,49 @@ def serve(ctx: click.Context, grpc_port: int | None, rest_port: int | None) -> N
     run(cfg)
 
 
+# -- promotion -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("--label", type=click.Choice(["stable", "canary"]), default="stable", show_default=True)
+@click.option("--reason", required=True, help="Why: kept in the audit log with who, when and the gate figures.")
+@click.option("--force", is_flag=True, help="Promote even if gates fail (the audit entry records which).")
+@click.pass_context
+def promote(ctx: click.Context, version: int, label: str, reason: str, force: bool) -> None:
+    """Point a label (stable, canary) at VERSION once its gates pass: complete and servable, invalid-SID
+    rate 0, data not staler than promote.max_staleness_hours, and Recall@10 / NDCG@10 not below the
+    version the label points at now by more than promote.margin on the same events (both evaluated on
+    the newest events neither trained on, or else the trainer's side-by-side figures at export). A
+    refusal names the failing gate. The server follows the label within its poll interval. Every
+    change is appended to <model_dir>/audit.jsonl."""
+    from ops.promote import promote as run
+
+    cfg = _config(ctx)
+    entry = run(cfg.paths.model_dir, cfg.paths.training_log_dir, version, label, reason, cfg.promote, force)
+    _print_change(entry)
+
+
+@cli.command()
+@click.option("--label", type=click.Choice(["stable", "canary"]), default="stable", show_default=True)
+@click.option("--reason", required=True, help="Why: kept in the audit log.")
+@click.option("--force", is_flag=True, help="Roll back even if the earlier version fails its checks.")
+@click.pass_context
+def rollback(ctx: click.Context, label: str, reason: str, force: bool) -> None:
+    """Point a label back at the version it pointed at before its last promotion (from the audit log).
+    Checks only that the version is complete, servable and has invalid-SID rate 0."""
+    from ops.promote import rollback as run
+
+    cfg = _config(ctx)
+    _print_change(run(cfg.paths.model_dir, label, reason, force))
+
+
+def _print_change(entry: dict[str, Any]) -> None:
+    for gate in entry["gates"]:
+        click.echo(f"  gate {gate['name']}: {'passed' if gate['passed'] else 'FAILED'}: {gate['detail']}")
+    forced = " (forced past failed gates)" if entry["forced"] else ""
+    click.echo(f"{entry['action']}: label {entry['label']!r} now points at version {entry['to']} "
+               f"(was {entry['from'] if entry['from'] is not None else 'unset'}){forced}; recorded in the audit log")
+
+
 # -- the main job ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)

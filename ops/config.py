@@ -80,6 +80,18 @@ class PathsConfig(BaseModel):
         return self.state("stack.json")
 
 
+class PromoteSettings(BaseModel):
+    """The `promote:` section: the gates of `plum promote`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    margin: float = Field(0.01, ge=0.0)  # how far Recall@10 / NDCG@10 may trail the labelled version
+    min_eval_examples: int = Field(20, ge=1)  # users needed for a fresh side-by-side evaluation
+    eval_examples: int = Field(200, ge=1)  # at most this many users (the newest) are evaluated
+    beam_width: int = Field(20, ge=1)
+    max_staleness_hours: float = Field(24.0, gt=0)
+
+
 class PlumConfig(BaseModel):
     """Everything configurable, one section per component."""
 
@@ -92,6 +104,7 @@ class PlumConfig(BaseModel):
     tokenizer: TokenizeSettings = Field(default_factory=TokenizeSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    promote: PromoteSettings = Field(default_factory=PromoteSettings)
 
     @property
     def feast_repo_dir(self) -> Path:

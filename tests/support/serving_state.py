@@ -28,9 +28,9 @@ def history_frame(users: range, steps: int) -> pd.DataFrame:
     })
 
 
-def build_serving_state(state: Path) -> PlumConfig:
-    """Train and export version 1, apply the Feast repo and push every user's history online."""
-    cfg = load_config(env={}, overrides={"paths": {"state_dir": str(state)}})
+def train_and_export(cfg: PlumConfig) -> tuple[LogWriter, Path]:
+    """The continuous trainer on USERS users' first 10 events: exports version 1; returns the training
+    log's writer (to publish more) and the CPT checkpoint (the untrained start)."""
     paths = ContinuousPaths(cfg.paths.training_log_dir, cfg.paths.sid_dir, cfg.paths.trainer_dir, cfg.paths.model_dir)
     write_sid_table(paths.sid_dir)
     log = LogWriter(paths.log_dir)
@@ -47,6 +47,13 @@ def build_serving_state(state: Path) -> PlumConfig:
     log.publish([e for u in range(USERS) for e in user_events(u, 1, start_step=9)])
     trainer.run(until_drained=True)
     trainer.close()
+    return log, cpt
+
+
+def build_serving_state(state: Path) -> PlumConfig:
+    """Train and export version 1, apply the Feast repo and push every user's history online."""
+    cfg = load_config(env={}, overrides={"paths": {"state_dir": str(state)}})
+    train_and_export(cfg)
     store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
     store.apply()
     store.push_online("user_history", history_frame(range(USERS), 10))
