@@ -483,8 +483,7 @@ def run(cfg: PlumConfig, serve_run: ServeRun, output: str | None = None) -> dict
         "levels": {PLUM: plum_levels, SASREC: sasrec_levels},
         "batching": {"clients": levels[-1], "batched": batched, "unbatched": unbatched,
                      "throughput_ratio": round(batched["requests_per_s"] / unbatched["requests_per_s"], 2)
-                     if unbatched["requests_per_s"] else None,
-                     "mean_batch_size": "not observable: the server does not expose its batch sizes"},
+                     if unbatched["requests_per_s"] else None},
         "swaps": swaps,
         "profile": profile,
         "seconds_total": round(time.monotonic() - started, 1),
