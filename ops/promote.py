@@ -177,13 +177,13 @@ def _compare(candidate: dict[str, float], current: dict[str, float], current_ver
                 f"(margin {margin:g}; {how})", figures)
 
 
-def gate_quality(model_dir: Path, log_dir: Path, version: int, manifest: dict[str, Any], current: int,
+def gate_quality(model_dir: Path, events: list[Any], version: int, manifest: dict[str, Any], current: int,
                  current_manifest: dict[str, Any], settings: PromoteSettings, say: Say) -> Gate:
     from trainer.continuous import evaluate_held_out
     from trainer.servable import ItemCatalogue, load_version
     from trainer.vocab import VocabLayout
 
-    held = held_out_after(log_dir, [manifest.get("data_watermark"), current_manifest.get("data_watermark")],
+    held = held_out_after(events, [manifest.get("data_watermark"), current_manifest.get("data_watermark")],
                           _max_history(manifest), settings.eval_examples)
     if len(held) >= settings.min_eval_examples:
         say(f"promote: evaluating versions {version} and {current} on {len(held)} users' newest events that "
@@ -210,36 +210,36 @@ def _max_history(manifest: dict[str, Any]) -> int:
     return int((manifest.get("prompt_schema") or {}).get("max_history", 20))
 
 
-def held_out_after(log_dir: Path, watermarks: list[dict[str, Any] | None], max_history: int, limit: int) -> Any:
-    """The newest event of each user that no watermark covers, with the user's earlier events as history
-    (the newest `limit` users): events no compared version has trained on."""
-    from trainer.continuous import HeldOut
-    from trainer.stream import covered_by, published_files, read_events
-
-    by_user: dict[str, list[Any]] = {}
-    for relative in published_files(log_dir):
-        for event in read_events(log_dir, relative):
-            by_user.setdefault(event.user_id, []).append(event)
-    rows = []
-    for events in by_user.values():
-        events.sort(key=lambda e: e.order)
-        newest = events[-1]
-        if len(events) > 1 and not any(covered_by(w, newest) for w in watermarks):
-            rows.append((newest, events[:-1]))
-    rows.sort(key=lambda row: row[0].order, reverse=True)
-    out = [(tuple(e.item_id for e in before[-max_history:]), tuple(e.reward for e in before[-max_history:]),
-            tuple(e.item_id for e in before), newest.item_id, newest.context) for newest, before in rows[:limit]]
-    return HeldOut(*(tuple(col) for col in zip(*out))) if out else HeldOut((), (), (), (), ())
-
-
-def newest_event_time(log_dir: Path) -> datetime | None:
+def read_log(log_dir: Path) -> list[Any]:
+    """Every event in the training log (LoggedEvent), in file order."""
     from trainer.stream import published_files, read_events
 
-    newest = None
-    for relative in published_files(log_dir):
-        for event in read_events(log_dir, relative):
-            newest = event.order[0] if newest is None or event.order[0] > newest else newest
-    return None if newest is None else datetime.fromtimestamp(newest / 1_000_000, timezone.utc)
+    return [event for relative in published_files(log_dir) for event in read_events(log_dir, relative)]
+
+
+def held_out_after(events: list[Any], watermarks: list[dict[str, Any] | None], max_history: int, limit: int) -> Any:
+    """The newest event of each user that no watermark covers, with the user's earlier events as history
+    (the newest `limit` users): events no compared version has trained on."""
+    from trainer.continuous import held_out_of
+    from trainer.stream import covered_by
+
+    by_user: dict[str, list[Any]] = {}
+    for event in events:
+        by_user.setdefault(event.user_id, []).append(event)
+    targets = []
+    for history in by_user.values():
+        history.sort(key=lambda e: e.order)
+        newest = history[-1]
+        if len(history) > 1 and not any(covered_by(w, newest) for w in watermarks):
+            targets.append((newest, history[:-1]))
+    targets.sort(key=lambda target: target[0].order, reverse=True)
+    return held_out_of(targets[:limit], max_history)
+
+
+def newest_event_time(events: list[Any]) -> datetime | None:
+    if not events:
+        return None
+    return datetime.fromtimestamp(max(e.order[0] for e in events) / 1_000_000, timezone.utc)
 
 
 # Actions ----------------------------------------------------------------------------------------------
@@ -282,9 +282,10 @@ def promote(model_dir: Path, log_dir: Path, version: int, label: str, reason: st
         if gates[0].passed:
             manifest = _manifest(model_dir, version)
             gates.append(gate_invalid_sid(manifest, version))
-            gates.append(gate_staleness(manifest, version, newest_event_time(log_dir), settings))
+            events = read_log(log_dir)
+            gates.append(gate_staleness(manifest, version, newest_event_time(events), settings))
             if current is not None and current in version_numbers(model_dir):
-                gates.append(gate_quality(model_dir, log_dir, version, manifest, current,
+                gates.append(gate_quality(model_dir, events, version, manifest, current,
                                           _manifest(model_dir, current), settings, say))
         _decide(gates, force, f"promoting version {version} to {label!r}")
         return _record(model_dir, "promote", label, current, version, reason, force, gates, who or operator())

@@ -95,6 +95,13 @@ class HeldOut:
         return len(self.targets)
 
 
+def held_out_of(targets: Sequence[tuple[LoggedEvent, Sequence[LoggedEvent]]], max_history: int) -> HeldOut:
+    """Held-out events from (target event, the user's events before it) pairs, in the given order."""
+    rows = [(tuple(e.item_id for e in before[-max_history:]), tuple(e.reward for e in before[-max_history:]),
+             tuple(e.item_id for e in before), event.item_id, event.context) for event, before in targets]
+    return HeldOut(*(tuple(col) for col in zip(*rows))) if rows else HeldOut((), (), (), (), ())
+
+
 def evaluate_held_out(model: Decoder, layout: VocabLayout, items: ItemCatalogue, held: HeldOut, max_history: int,
                       beam_width: int, batch: int = 64) -> dict[str, float]:
     """Recall/NDCG@5/10, effective vocabulary and invalid-SID rate of constrained beam search on
@@ -279,13 +286,7 @@ class ContinuousTrainer:
             if event.user_id not in newest or newest[event.user_id].order < event.order:
                 newest[event.user_id] = event
         chosen = sorted(newest.values(), key=lambda e: e.order, reverse=True)[:self.cfg.eval_examples]
-        rows = []
-        for event in chosen:
-            before = self.stream.before(event)
-            recent = before[-self.max_history:]
-            rows.append((tuple(e.item_id for e in recent), tuple(e.reward for e in recent),
-                         tuple(e.item_id for e in before), event.item_id, event.context))
-        return HeldOut(*(tuple(col) for col in zip(*rows))) if rows else HeldOut((), (), (), (), ())
+        return held_out_of([(event, self.stream.before(event)) for event in chosen], self.max_history)
 
     def _served(self) -> tuple[int, Decoder, dict[str, Any], ItemCatalogue] | None:
         number = served_version(self.paths.model_dir)
