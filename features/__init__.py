@@ -1,4 +1,5 @@
-"""Feast feature repo and store wrapper: user_history, item_stats, item_metadata, item_sid.
+"""Feast feature repo and store wrapper: user_history, item_stats, item_metadata, item_sid, and
+user_context (registered context features).
 
 Public surface: FeatureStoreClient, FeatureStoreError, feature_objects, the view names and
 VIEW_COLUMNS (each view's DataFrame columns), the context-feature registry (ContextFeatureSpec,
@@ -19,6 +20,7 @@ _EXPORTS = {
     "ITEM_STATS": "features.repo",
     "ITEM_METADATA": "features.repo",
     "ITEM_SID": "features.repo",
+    "USER_CONTEXT": "features.repo",
     "ContextFeatureSpec": "features.registry",
     "ContextFeatureRegistry": "features.registry",
 }

@@ -37,7 +37,8 @@ import yaml
 
 from features.config import FeastConfig
 from features.errors import FeatureStoreError
-from features.repo import ENTITY_KEY, TIMESTAMP, VIEW_SCHEMAS, VIEWS, feature_columns, feature_objects
+from features.registry import ContextFeatureRegistry, ContextFeatureSpec
+from features.repo import ENTITY_KEY, TIMESTAMP, USER_CONTEXT, all_views, feature_objects, view_schema
 
 SCHEMA_FILE = "_schema.parquet"
 STAGING = "_staging"
@@ -67,11 +68,6 @@ def write_repo_config(repo_dir: Path, cfg: FeastConfig) -> Path:
     return path
 
 
-def _check_view(view: str) -> None:
-    if view not in VIEWS:
-        raise FeatureStoreError(f"Unknown feature view '{view}'; known views: {', '.join(VIEWS)}.")
-
-
 def _check_batch_id(batch_id: str) -> None:
     # Batch ids become file names next to _schema.parquet: no separators, no hidden names.
     if not _BATCH_ID.fullmatch(batch_id):
@@ -84,10 +80,8 @@ def _column(ref: str, full_feature_names: bool) -> str:
     return ref.replace(":", "__") if full_feature_names else ref.partition(":")[2]
 
 
-def view_table(view: str, frame: pd.DataFrame) -> pa.Table:
-    """`frame` as an Arrow table of the view's schema (columns in VIEW_COLUMNS order, types cast)."""
-    _check_view(view)
-    schema = VIEW_SCHEMAS[view]
+def view_table(view: str, schema: pa.Schema, frame: pd.DataFrame) -> pa.Table:
+    """`frame` as an Arrow table of the view's schema (columns in schema order, types cast)."""
     missing = [name for name in schema.names if name not in frame.columns]
     if missing:
         raise ValueError(f"A '{view}' frame needs the columns {schema.names}; missing: {missing}.")
@@ -101,7 +95,9 @@ class FeatureStoreClient:
         self.repo_dir = Path(repo_dir)
         self.cfg = cfg
         self.offline_dir = self.repo_dir / "offline"
+        self.registry = ContextFeatureRegistry(self.repo_dir)
         self._store: Any = None
+        self._specs: tuple[Any, list[ContextFeatureSpec]] = (None, [])  # (registry fingerprint, specs)
 
     @property
     def store(self) -> Any:
@@ -116,27 +112,85 @@ class FeatureStoreClient:
             self._store = FeatureStore(repo_path=str(self.repo_dir))
         return self._store
 
-    def apply(self) -> None:
-        """Write feature_store.yaml, create the offline directories and apply the repo (idempotent)."""
+    # -- the repo and its context features ---------------------------------------------------
+    def context_specs(self) -> list[ContextFeatureSpec]:
+        """The registered context features (re-read when the registry file changes; a Feast store
+        already open then refreshes its registry, so it knows the grown user_context view)."""
+        fingerprint = self.registry.fingerprint()
+        if fingerprint != self._specs[0]:
+            specs = self.registry.specs()
+            if self._store is not None and self._specs[0] is not None:
+                self._store.refresh_registry()
+            self._specs = (fingerprint, specs)
+        return self._specs[1]
+
+    def views(self) -> tuple[str, ...]:
+        """The repo's views: the fixed four, and user_context once a context feature is registered."""
+        return all_views(self.context_specs())
+
+    def schema(self, view: str) -> pa.Schema:
+        """A view's Arrow schema; FeatureStoreError for a view the repo does not have."""
+        views = self.views()
+        if view not in views:
+            hint = " (it appears when a context feature is registered)" if view == USER_CONTEXT else ""
+            raise FeatureStoreError(f"Unknown feature view '{view}'{hint}; known views: {', '.join(views)}.")
+        return view_schema(view, self.context_specs())
+
+    def columns(self, view: str) -> list[str]:
+        """The feature names of a view (no entity key, no timestamp)."""
+        return [name for name in self.schema(view).names if name not in (ENTITY_KEY[view], TIMESTAMP)]
+
+    def apply(self, specs: list[ContextFeatureSpec] | None = None) -> None:
+        """Write feature_store.yaml, create the offline directories and apply the repo (idempotent).
+        `specs`: the context features to declare (default: the registry's)."""
+        specs = self.context_specs() if specs is None else specs
         self.repo_dir.mkdir(parents=True, exist_ok=True)
-        for view in VIEWS:
+        for view in all_views(specs):
             directory = self.offline_dir / view
             directory.mkdir(parents=True, exist_ok=True)
             (self.offline_dir / STAGING / view).mkdir(parents=True, exist_ok=True)
+            schema = view_schema(view, specs)
             schema_file = directory / SCHEMA_FILE
             # Rewritten when a view's schema grew, so that dask sees the new columns from the start.
-            if not schema_file.exists() or not pq.read_schema(schema_file).equals(VIEW_SCHEMAS[view]):
-                pq.write_table(VIEW_SCHEMAS[view].empty_table(), schema_file)
+            if not schema_file.exists() or not pq.read_schema(schema_file).equals(schema):
+                pq.write_table(schema.empty_table(), schema_file)
+            self.align_offline(view, schema)
         write_repo_config(self.repo_dir, self.cfg)
         self._store = None
-        self.store.apply(feature_objects(self.offline_dir))
+        self.store.apply(feature_objects(self.offline_dir, specs))
+
+    def align_offline(self, view: str, schema: pa.Schema | None = None) -> int:
+        """Give every published file of a view the view's current schema (user_context grows when a
+        feature is registered; older files get the new columns, empty), each file replaced atomically.
+        Returns how many files were rewritten."""
+        schema = schema or self.schema(view)
+        rewritten = 0
+        for name in self._published_files(view):
+            if pq.read_schema(name).equals(schema):
+                continue
+            table = pq.read_table(name)
+            columns = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+                       for f in schema]
+            staged = self.offline_dir / STAGING / view / f"align-{Path(name).name}"
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_arrays(columns, schema=schema), staged)
+            os.replace(staged, name)
+            rewritten += 1
+        return rewritten
+
+    def register_context_feature(self, spec: ContextFeatureSpec) -> list[ContextFeatureSpec]:
+        """Register a context feature: the Feast repo is applied with the grown user_context view,
+        then the registry file records it. Returns every registered feature."""
+        specs = self.registry.register(spec, apply=self.apply)
+        self.context_specs()
+        return specs
 
     # -- online ---------------------------------------------------------------------------
     def push_online(self, view: str, frame: pd.DataFrame) -> None:
         """Write the absolute feature values of `frame`'s entities (columns: VIEW_COLUMNS[view])."""
         from feast.data_source import PushMode
 
-        table = view_table(view, frame)
+        table = view_table(view, self.schema(view), frame)
         if table.num_rows:
             self.store.push(f"{view}_push", table.to_pandas(types_mapper=pd.ArrowDtype), to=PushMode.ONLINE)
 
@@ -146,13 +200,23 @@ class FeatureStoreClient:
         Cells hold Python values (str, int, float, list) and None where an entity is unknown;
         object columns, so Int64 features stay exact ints instead of floats beside a None.
         """
-        _check_view(view)
-        key = ENTITY_KEY[view]
-        columns = [key, *feature_columns(view)]
+        return self.read_online_views((view,), entity_ids)
+
+    def read_online_views(self, views: tuple[str, ...], entity_ids: list[str]) -> pd.DataFrame:
+        """read_online of several views of one entity in one lookup: the key, then each view's
+        features in turn (their names must differ)."""
+        refs = [(view, col) for view in views for col in self.columns(view)]  # unknown views refused here
+        keys = {ENTITY_KEY[view] for view in views}
+        if len(keys) != 1:
+            raise FeatureStoreError(f"Views {', '.join(views)} do not share one entity key.")
+        key = keys.pop()
+        columns = [key, *(col for _, col in refs)]
+        if len(set(columns)) != len(columns):
+            raise FeatureStoreError(f"Views {', '.join(views)} share feature names; read them one at a time.")
         if not entity_ids:
             return pd.DataFrame({col: [] for col in columns}, dtype=object)
         response = self.store.get_online_features(
-            features=[f"{view}:{col}" for col in feature_columns(view)],
+            features=[f"{view}:{col}" for view, col in refs],
             entity_rows={key: list(entity_ids)},
         )
         values = response.to_dict()
@@ -168,7 +232,7 @@ class FeatureStoreClient:
     def stage_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> Path:
         """Write a batch's rows where readers do not look; invisible until `publish_offline`."""
         _check_batch_id(batch_id)
-        table = view_table(view, frame)
+        table = view_table(view, self.schema(view), frame)
         path = self._staged(view, batch_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
@@ -176,7 +240,7 @@ class FeatureStoreClient:
 
     def publish_offline(self, view: str, batch_id: str) -> bool:
         """Make a staged batch visible (atomic rename); False, doing nothing, when none is staged."""
-        _check_view(view)
+        self.schema(view)
         _check_batch_id(batch_id)
         staged = self._staged(view, batch_id)
         if not staged.exists():
@@ -186,21 +250,21 @@ class FeatureStoreClient:
 
     def write_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> bool:
         """Stage and publish in one go; a batch id published already is left as it is (False)."""
-        _check_view(view)
+        self.schema(view)
         _check_batch_id(batch_id)
         if self._published(view, batch_id).exists():
             return False
         self.stage_offline(view, frame, batch_id)
         return self.publish_offline(view, batch_id)
 
-    def pending_offline(self, views: tuple[str, ...] = VIEWS) -> list[tuple[str, str]]:
-        """(view, batch_id) of every staged, unpublished batch of these views."""
-        return [(view, path.stem) for view in views
+    def pending_offline(self, views: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+        """(view, batch_id) of every staged, unpublished batch of these views (default: all)."""
+        return [(view, path.stem) for view in (views or self.views())
                 for path in sorted((self.offline_dir / STAGING / view).glob("*.parquet"))]
 
     def discard_offline(self, view: str, batch_id: str) -> None:
         """Delete a staged batch (a no-op when there is none)."""
-        _check_view(view)
+        self.schema(view)
         _check_batch_id(batch_id)
         self._staged(view, batch_id).unlink(missing_ok=True)
 
@@ -210,7 +274,7 @@ class FeatureStoreClient:
     def _offline_table(self, view: str, columns: list[str] | None = None) -> pa.Table:
         import pyarrow.dataset as ds
 
-        schema = VIEW_SCHEMAS[view]
+        schema = self.schema(view)
         files = self._published_files(view)
         if not files:
             return schema.empty_table().select(columns or schema.names)
@@ -218,7 +282,6 @@ class FeatureStoreClient:
 
     def latest_offline(self, view: str) -> pd.DataFrame:
         """The newest published row of every entity of a view, from its offline files."""
-        _check_view(view)
         frame = self._offline_table(view).to_pandas().sort_values(TIMESTAMP, kind="stable")
         return frame.drop_duplicates(ENTITY_KEY[view], keep="last").reset_index(drop=True)
 
@@ -237,9 +300,8 @@ class FeatureStoreClient:
         refs_by_view: dict[str, list[str]] = {}
         for ref in features:
             view, _, name = ref.partition(":")
-            _check_view(view)
-            if name not in feature_columns(view):
-                raise FeatureStoreError(f"Unknown feature {ref!r}; '{view}' has {', '.join(feature_columns(view))}.")
+            if name not in self.columns(view):
+                raise FeatureStoreError(f"Unknown feature {ref!r}; '{view}' has {', '.join(self.columns(view))}.")
             refs_by_view.setdefault(view, []).append(ref)
         names = [_column(ref, full_feature_names) for ref in features]
         if len(set(names)) < len(names):
@@ -272,7 +334,7 @@ class FeatureStoreClient:
         answerable = request[request[key].map(first_seen) <= when].drop_duplicates(ignore_index=True)
         columns = [_column(ref, full_feature_names) for ref in refs]
         if not len(answerable):
-            schema = VIEW_SCHEMAS[view]
+            schema = self.schema(view)
             numeric = [pa.types.is_integer(t) or pa.types.is_floating(t)
                        for t in (schema.field(ref.partition(":")[2]).type for ref in refs)]
             return pd.DataFrame({col: float("nan") if num else None for col, num in zip(columns, numeric)},

@@ -3,8 +3,8 @@
 For each parsed batch, under one process-wide lock:
   1. rejects go to the dead-letter topic (value = the original bytes, the reason in headers),
      and the producer is flushed;
-  2. one state transaction: de-duplicate by event_id, fold events into user histories, item
-     stats and co-occurrences, replace item metadata, stage the training-log files and the
+  2. one state transaction: de-duplicate by event_id, fold events into user histories, users'
+     latest context values, item stats and co-occurrences, replace item metadata, stage the training-log files and the
      Feast offline files, record the offsets and a pending-publication entry; commit;
   3. publish: rename the staged files into place, push the changed entities' absolute
      feature values to the Feast online store, clear the pending entry;
@@ -13,10 +13,17 @@ For each parsed batch, under one process-wide lock:
 A crash anywhere leaves either an uncommitted batch (its staged files are discarded and its
 records re-read) or a committed one whose publication `recover()` completes: no event is lost,
 none is applied twice. Every write is idempotent, so recovery may repeat any step.
+
+Context features: the state keeps each user's latest value of every context key; the view
+user_context carries the registered ones (features/registry.py). Before each batch the applier
+looks at the registry; a feature registered since the last look is filled first: every stored
+user value of it is pushed (online and offline), then recorded as filled, so a user need not send
+another event for serving to see it. The pipeline picks up a registration without a restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -31,14 +38,16 @@ from kafka.structs import OffsetAndMetadata
 
 from features import FeatureStoreClient
 from features.config import FeastConfig
+from features.registry import ContextFeatureSpec
+from features.repo import USER_CONTEXT
 from ingest.config import KafkaConfig, PipelineConfig
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.kafka_clients import make_consumer, make_producer
 from ingest.parse import ParsedBatch, Reject
-from ingest.state_store import ItemMetadata, ItemStats, PipelineStateStore, UserHistory
+from ingest.state_store import ItemMetadata, ItemStats, PipelineStateStore, UserContext, UserHistory
 from ingest.training_log import TrainingLogWriter
 
-VIEWS = ("user_history", "item_stats", "item_metadata")  # the views this pipeline writes
+VIEWS = ("user_history", "item_stats", "item_metadata")  # the views this pipeline writes (+ user_context)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,28 @@ def user_history_frame(users: list[UserHistory]) -> pd.DataFrame:
     })
 
 
+def _feature_value(spec: ContextFeatureSpec, value: Any) -> str | float | None:
+    """A context value as user_context stores it: categorical as text, numeric as a float (None
+    when the value is not a number: the prompt then takes the feature's first bucket)."""
+    if spec.type == "categorical":
+        return str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def user_context_frame(contexts: list[UserContext], specs: list[ContextFeatureSpec]) -> pd.DataFrame:
+    """The user_context rows of the users holding a value of at least one registered feature."""
+    kept = [c for c in contexts if any(s.name in c.values for s in specs)]
+    frame = {"user_id": [c.user_id for c in kept]}
+    for spec in specs:
+        frame[spec.name] = [_feature_value(spec, c.values[spec.name][0]) if spec.name in c.values else None
+                            for c in kept]
+    frame["event_timestamp"] = pd.to_datetime([c.written_us for c in kept], unit="us", utc=True)
+    return pd.DataFrame(frame)
+
+
 def item_stats_frame(items: list[ItemStats]) -> pd.DataFrame:
     return pd.DataFrame({
         "item_id": [s.item_id for s in items],
@@ -120,6 +151,7 @@ class BatchApplier:
         self._producer: Any = None
         self._committer: Any = None
         self.progress = ProgressReporter(settings.progress_interval_s)
+        self._filled = self.state.filled_context_features()
 
     def _dlq_producer(self) -> Any:
         if self._producer is None:
@@ -143,6 +175,7 @@ class BatchApplier:
     def apply(self, batch: ParsedBatch) -> dict[str, int]:
         """Apply one batch to all sinks; returns counts of what it did."""
         with self.lock:
+            specs = self._context_features()
             self._send_rejects(batch.rejects)
             batch_id = f"{batch.topic}-{batch.partition}-{batch.start_offset:020d}-{batch.next_offset:020d}"
             events = [r for r in batch.records if isinstance(r, EngagementEvent)]
@@ -154,7 +187,7 @@ class BatchApplier:
                 metadata = self.state.apply_items(upserts, int(time.time())) if upserts else []
                 self.training_log.stage(batch_id, changes.new_events, changes.rewards, batch.partition,
                                         [offset_of[e.event_id] for e in changes.new_events])
-                frames = self._frames(changes.users, changes.items, metadata)
+                frames = self._frames(changes.users, changes.items, metadata, changes.contexts, specs)
                 for view, frame in frames.items():
                     self.features.stage_offline(view, frame, batch_id)
                 self.state.record_batch(batch.topic, batch.partition, batch.start_offset, batch.next_offset,
@@ -165,7 +198,7 @@ class BatchApplier:
             except BaseException:
                 self.state.rollback()
                 self.training_log.discard(batch_id)
-                for view in VIEWS:
+                for view in self._views(specs):
                     self.features.discard_offline(view, batch_id)
                 raise
             self._publish(batch_id, frames)
@@ -175,9 +208,37 @@ class BatchApplier:
             self.progress.add(counts)
             return counts
 
-    def _frames(self, users: list[UserHistory], items: list[ItemStats],
-                metadata: list[ItemMetadata]) -> dict[str, pd.DataFrame]:
+    @staticmethod
+    def _views(specs: list[ContextFeatureSpec]) -> tuple[str, ...]:
+        return (*VIEWS, USER_CONTEXT) if specs else VIEWS
+
+    def _context_features(self) -> list[ContextFeatureSpec]:
+        """The registered context features; one registered since the last batch is filled first."""
+        specs = self.features.context_specs()
+        new = {s.name for s in specs} - self._filled
+        if new:
+            self.features.align_offline(USER_CONTEXT)
+            tag = hashlib.sha1(",".join(sorted(new)).encode()).hexdigest()[:12]
+            pushed = 0
+            for i, contexts in enumerate(self.state.contexts_with(new)):
+                contexts = self.state.restate_contexts(contexts)
+                frame = user_context_frame(contexts, specs)
+                self.features.write_offline(USER_CONTEXT, frame, f"context-fill-{tag}-{i:06d}")
+                self.features.push_online(USER_CONTEXT, frame)
+                pushed += len(frame)
+            self.state.mark_context_features_filled(new)
+            self._filled |= new
+            print(f"pipeline: context feature(s) {', '.join(sorted(new))} registered: their latest values of "
+                  f"{pushed:,} users are now in the online store (view {USER_CONTEXT})", flush=True)
+        return specs
+
+    def _frames(self, users: list[UserHistory], items: list[ItemStats], metadata: list[ItemMetadata],
+                contexts: list[UserContext], specs: list[ContextFeatureSpec]) -> dict[str, pd.DataFrame]:
         frames = {}
+        if specs and contexts:
+            context = user_context_frame(contexts, specs)
+            if len(context):
+                frames[USER_CONTEXT] = context
         if users:
             frames["user_history"] = user_history_frame(users)
         if items:
@@ -202,19 +263,22 @@ class BatchApplier:
     def recover(self) -> int:
         """Finish what a crash interrupted: publish committed batches, discard uncommitted ones."""
         with self.lock:
+            specs = self.features.context_specs()
             pending = self.state.pending()
             committed = {batch_id for batch_id, *_ in pending}
             for batch_id in self.training_log.staged_batches():
                 if batch_id not in committed:
                     self.training_log.discard(batch_id)
-            for view, batch_id in self.features.pending_offline(VIEWS):
+            for view, batch_id in self.features.pending_offline(self._views(specs)):
                 if batch_id not in committed:
                     self.features.discard_offline(view, batch_id)
             for batch_id, users, items, metadata_items in pending:
+                # A batch's context changes are among its users' contexts; pushing all of them is harmless.
                 frames = self._frames(
                     list(self.state.load_users(users).values()),
                     list(self.state.load_items(items).values()),
                     list(self.state.load_metadata(metadata_items).values()),
+                    list(self.state.load_contexts(users).values()), specs,
                 )
                 # Offline files were staged in the committed transaction; online values are re-read.
                 self._publish(batch_id, frames)

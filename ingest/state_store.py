@@ -1,5 +1,6 @@
-"""The pipeline's durable state: de-duplication, per-user history, per-item stats, co-occurrence
-counts, item metadata, read positions and batches awaiting publication, in one SQLite file.
+"""The pipeline's durable state: de-duplication, per-user history, per-user latest context values,
+per-item stats, co-occurrence counts, item metadata, read positions and batches awaiting
+publication, in one SQLite file.
 
 Everything a batch changes is committed in one transaction together with the offsets it came
 from, so after a crash the pipeline resumes exactly where its state is, and an event id seen
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from ingest.config import RewardConfig
 from ingest.events import EngagementEvent, EventType, ItemUpsert
@@ -42,6 +44,11 @@ CREATE TABLE IF NOT EXISTS applied_ranges (
 CREATE TABLE IF NOT EXISTS pending_publish (
     batch_id TEXT PRIMARY KEY, users TEXT NOT NULL, items TEXT NOT NULL, metadata_items TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS last_commit (id INTEGER PRIMARY KEY CHECK (id = 0), unix_time REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS user_context (
+    user_id TEXT PRIMARY KEY, context TEXT NOT NULL, last_event_time INTEGER NOT NULL,
+    written_us INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS context_features_filled (name TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
 _CHUNK = 900  # SQLite's default limit on bound parameters is 999
@@ -79,6 +86,23 @@ class ItemStats:
 
 
 @dataclass
+class UserContext:
+    """A user's latest value of every context key its events carried: {name: (value, event time)}.
+    Every key is kept, registered or not, so a feature registered later starts from what is known."""
+
+    user_id: str
+    values: dict[str, tuple[Any, int]]
+    last_event_time: int
+    # The timestamp (unix microseconds) of the user's newest user_context row: the last event time,
+    # or a microsecond after the previous row when a row restates values at the same instant (the
+    # fill of a newly registered feature), so a user's rows never share a timestamp.
+    written_us: int = 0
+
+    def latest(self) -> dict[str, Any]:
+        return {name: value for name, (value, _) in self.values.items()}
+
+
+@dataclass
 class ItemMetadata:
     item_id: str
     title: str
@@ -98,6 +122,7 @@ class BatchChanges:
     users: list[UserHistory]
     items: list[ItemStats]
     metadata: list[ItemMetadata]
+    contexts: list[UserContext]  # users whose context values changed
 
 
 class PipelineStateStore:
@@ -190,6 +215,63 @@ class PipelineStateStore:
             for uid, items, rewards, times, count, last in self._rows_in("user_history", "user_id", user_ids)
         }
 
+    def load_contexts(self, user_ids: Iterable[str]) -> dict[str, UserContext]:
+        return {uid: UserContext(uid, {k: (v, t) for k, (v, t) in json.loads(context).items()}, last, written)
+                for uid, context, last, written in self._rows_in("user_context", "user_id", user_ids)}
+
+    def contexts_with(self, names: set[str], chunk: int = 5000) -> Iterator[list[UserContext]]:
+        """Every user context holding a value of one of `names`, in chunks (by user id)."""
+        after = ""
+        while True:
+            rows = self.db.execute("SELECT * FROM user_context WHERE user_id > ? ORDER BY user_id LIMIT ?",
+                                   (after, chunk)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            found = [UserContext(uid, {k: (v, t) for k, (v, t) in json.loads(context).items()}, last, written)
+                     for uid, context, last, written in rows]
+            found = [c for c in found if names & c.values.keys()]
+            if found:
+                yield found
+
+    def filled_context_features(self) -> set[str]:
+        """Registered context features whose stored values were pushed to Feast (the backfill)."""
+        return {row[0] for row in self.db.execute("SELECT name FROM context_features_filled")}
+
+    def mark_context_features_filled(self, names: Iterable[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO context_features_filled VALUES (?)", ((n,) for n in names))
+
+    def _fold_contexts(self, events: list[EngagementEvent], times: list[int]) -> list[UserContext]:
+        """Fold the events' context values into their users' latest values (events in time order)."""
+        carrying = [(e, t) for e, t in zip(events, times) if e.context]
+        if not carrying:
+            return []
+        contexts = self.load_contexts({e.user_id for e, _ in carrying})
+        changed: dict[str, UserContext] = {}
+        for event, at in carrying:
+            context = changed.get(event.user_id) or contexts.get(event.user_id) or UserContext(event.user_id, {}, 0)
+            for name, value in event.context.items():
+                if name not in context.values or context.values[name][1] <= at:
+                    context.values[name] = (value, at)
+            context.last_event_time = max(context.last_event_time, at)
+            changed[event.user_id] = context
+        for context in changed.values():
+            context.written_us = max(context.last_event_time * 1_000_000, context.written_us + 1)
+        self._save_contexts(list(changed.values()))
+        return list(changed.values())
+
+    def _save_contexts(self, contexts: list[UserContext]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO user_context VALUES (?,?,?,?)",
+                            ((c.user_id, json.dumps(c.values, sort_keys=True), c.last_event_time, c.written_us)
+                             for c in contexts))
+
+    def restate_contexts(self, contexts: list[UserContext]) -> list[UserContext]:
+        """The same values with a timestamp one microsecond after each user's newest row (saved)."""
+        for context in contexts:
+            context.written_us += 1
+        self._save_contexts(contexts)
+        return contexts
+
     def load_items(self, item_ids: Iterable[str]) -> dict[str, ItemStats]:
         return {row[0]: ItemStats(*row) for row in self._rows_in("item_stats", "item_id", item_ids)}
 
@@ -257,9 +339,10 @@ class PipelineStateStore:
             "INSERT INTO cooccurrence VALUES (?,?,?) ON CONFLICT(item_a, item_b) DO UPDATE SET count = count + excluded.count",
             ((index[a], index[b], n) for (a, b), n in pairs.items()),
         )
+        contexts = self._fold_contexts(fresh, times)
         self._bump("events_applied", len(fresh))
         self._bump("events_duplicate", duplicates)
-        return BatchChanges(fresh, rewards, duplicates, changed_users, list(items.values()), [])
+        return BatchChanges(fresh, rewards, duplicates, changed_users, list(items.values()), [], contexts)
 
     def apply_items(self, upserts: list[ItemUpsert], updated_at: int) -> list[ItemMetadata]:
         """Item upserts replace the item's metadata; the last upsert of a batch wins."""
@@ -279,6 +362,7 @@ class PipelineStateStore:
     def record_batch(self, topic: str, partition: int, start: int, stop: int, rejected: int) -> None:
         self._record_range(topic, partition, start, stop)
         self._bump("records_rejected", rejected)
+        self.db.execute("INSERT OR REPLACE INTO last_commit VALUES (0, ?)", (time.time(),))
 
     # -- publication bookkeeping ----------------------------------------------------------
     def add_pending(self, batch_id: str, users: list[str], items: list[str], metadata_items: list[str]) -> None:
@@ -302,6 +386,15 @@ class PipelineStateStore:
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, value FROM counters"))
+
+    def last_commit_time(self) -> float | None:
+        """Unix time at which the newest batch was recorded (None before the first)."""
+        row = self.db.execute("SELECT unix_time FROM last_commit").fetchone()
+        return row[0] if row else None
+
+    def catalogue_item_ids(self) -> list[str]:
+        """Every item an upsert has described (the item_metadata the pipeline pushes to Feast)."""
+        return [row[0] for row in self.db.execute("SELECT item_id FROM item_metadata ORDER BY item_id")]
 
     def cooccurrence(self, min_count: int = 1) -> list[tuple[str, str, int]]:
         """Item pairs seen within `cooccurrence_window` of each other in a user's history."""

@@ -330,6 +330,49 @@ def _print_change(entry: dict[str, Any]) -> None:
                f"(was {entry['from'] if entry['from'] is not None else 'unset'}){forced}; recorded in the audit log")
 
 
+# -- context features ------------------------------------------------------------------------
+@cli.group()
+def features() -> None:
+    """Context features for the prompt: register one, list what is registered."""
+
+
+@features.command("register")
+@click.argument("spec")
+@click.pass_context
+def features_register(ctx: click.Context, spec: str) -> None:
+    """Register a context feature. SPEC is a YAML/JSON file, or the spec itself, e.g.
+
+    \b
+      plum features register '{name: device, type: categorical, values: [tv, phone, web]}'
+      plum features register '{name: hour, type: numeric, buckets: [6, 12, 18], description: local hour}'
+
+    Fields: name (lower case, digits, _), type (categorical | numeric), values (categorical: the
+    known values; others become the feature's unknown token) or buckets (numeric: increasing edges),
+    entity (user: Feast keeps each user's latest value), description. Names are never reused and
+    registered features never change. Applied to the Feast repo (view user_context) at once; then,
+    without restarts, the pipeline fills it from events' context, the continuous trainer adds it to
+    the prompt at its next checkpoint and the next exported version uses it; older versions keep
+    serving with their own prompt schema."""
+    from ops.feature_jobs import register
+
+    specs = register(_config(ctx), spec)
+    new = specs[-1]
+    click.echo(f"registered context feature {new.name!r} ({new.type}); {len(specs)} registered in all; "
+               "the Feast view user_context now carries it")
+
+
+@features.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def features_list(ctx: click.Context, as_json: bool) -> None:
+    """Show registered context features, how each becomes prompt tokens, and which servable versions
+    use it (their manifest's prompt schema)."""
+    from ops.feature_jobs import format_listing, listing, to_json
+
+    rows = listing(_config(ctx))
+    click.echo(to_json(rows) if as_json else format_listing(rows))
+
+
 # -- the main job ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)

@@ -34,7 +34,7 @@ def serve(cfg: PlumConfig, stop: threading.Event | None = None, ready: threading
     from features import FeatureStoreClient
     from serving.rest import start_rest
     from serving.server import ModelServer, start_grpc
-    from serving.user_features import OnlineHistories
+    from serving.user_features import OnlineUserFeatures
     from serving.versions import ServingConfig, VersionPolicy
 
     settings = cfg.serving
@@ -50,7 +50,7 @@ def serve(cfg: PlumConfig, stop: threading.Event | None = None, ready: threading
     policy = VersionPolicy(settings.policy, settings.num_versions, tuple(settings.versions))
     config = ServingConfig(cfg.paths.model_name, cfg.paths.model_dir, policy, None, settings.canary_share)
     store = FeatureStoreClient(cfg.feast_repo_dir, cfg.feast)
-    core = ModelServer(config, settings, OnlineHistories(store), token, say=click.echo)
+    core = ModelServer(config, settings, OnlineUserFeatures(store), token, say=click.echo)
     click.echo(f"serve: model {config.name!r} from {config.base_path} (policy {settings.policy}); "
                f"management token in {token_path}")
     core.start()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -12,10 +13,10 @@ from typing import Callable, Sequence
 
 from serving.engine import Recommendation, Request
 from serving.metrics import ServingMetrics
+from serving.user_features import UserFeatures
 from serving.versions import VersionManager
 
-History = tuple[Sequence[str], Sequence[float]]
-HistoryReader = Callable[[Sequence[str]], list[History]]
+FeatureReader = Callable[[Sequence[str]], list[UserFeatures]]
 
 
 @dataclass
@@ -28,9 +29,9 @@ class _Pending:
 class Batcher:
     """One worker thread drains the queue into batches per version and answers their futures."""
 
-    def __init__(self, manager: VersionManager, histories: HistoryReader, max_batch: int = 32,
+    def __init__(self, manager: VersionManager, features: FeatureReader, max_batch: int = 32,
                  max_wait_s: float = 0.002, metrics: ServingMetrics | None = None) -> None:
-        self.manager, self.histories, self.metrics = manager, histories, metrics
+        self.manager, self.features, self.metrics = manager, features, metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
@@ -78,17 +79,9 @@ class Batcher:
             return
         try:
             started = time.perf_counter()
-            stored = self.histories([p.request.user_id for p in group if p.request.history is None])
-            histories = []
-            for pending in group:
-                request = pending.request
-                if request.history is not None:
-                    rewards = request.rewards if request.rewards is not None else (1.0,) * len(request.history)
-                    histories.append((request.history, rewards))
-                else:
-                    histories.append(stored.pop(0))
+            requests, histories = resolve([p.request for p in group], self.features)
             read = time.perf_counter()
-            results = served.recommend([p.request for p in group], histories)
+            results = served.recommend(requests, histories)
             if self.metrics is not None:
                 self.metrics.batch_size.observe(len(group))
                 self.metrics.batch_seconds.labels("features").observe(read - started)
@@ -101,3 +94,20 @@ class Batcher:
                     pending.future.set_exception(exc)
         finally:
             self.manager.release(version)
+
+
+def resolve(requests: Sequence[Request], features: FeatureReader
+            ) -> tuple[list[Request], list[tuple[Sequence[str], Sequence[float]]]]:
+    """Each request with its user's stored features: the history (unless the request overrides it)
+    and the context, the request's own values winning feature by feature."""
+    stored = features([r.user_id for r in requests])
+    resolved, histories = [], []
+    for request, user in zip(requests, stored):
+        if request.history is not None:
+            rewards = request.rewards if request.rewards is not None else (1.0,) * len(request.history)
+            histories.append((request.history, rewards))
+        else:
+            histories.append((user.item_ids, user.rewards))
+        resolved.append(dataclasses.replace(request, context={**user.context, **request.context})
+                        if user.context else request)
+    return resolved, histories

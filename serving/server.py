@@ -25,7 +25,7 @@ from serving.api import (
     InvalidRequest, Target, grpc_inputs, metadata_response, parse_inputs, predict_response, status_response,
     target_of,
 )
-from serving.batcher import Batcher, HistoryReader
+from serving.batcher import Batcher, FeatureReader
 from serving.config import ServingSettings
 from serving.engine import Recommendation, Request
 from serving.metrics import ServingMetrics
@@ -41,14 +41,14 @@ class Unauthorized(Exception):
 class ModelServer:
     """What both APIs call: predict, metadata, status, reload."""
 
-    def __init__(self, config: ServingConfig, settings: ServingSettings, histories: HistoryReader, token: str,
+    def __init__(self, config: ServingConfig, settings: ServingSettings, features: FeatureReader, token: str,
                  say: Say = print) -> None:
         self.settings, self.token, self.say = settings, token, say
         self.manager = VersionManager(config, settings.beam_width, settings.max_batch, say=say,
                                       poll_interval_s=settings.poll_interval_s)
         self.metrics = ServingMetrics()
         self.metrics.watch(self.manager)
-        self.batcher = Batcher(self.manager, histories, settings.max_batch, settings.max_wait_ms / 1000,
+        self.batcher = Batcher(self.manager, features, settings.max_batch, settings.max_wait_ms / 1000,
                                self.metrics)
 
     @property

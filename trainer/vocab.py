@@ -56,7 +56,10 @@ class FeatureSpec:
         """The feature-local token index of a value."""
         if self.kind == "categorical":
             return self.values.index(str(value)) + 1 if str(value) in self.values else 0
-        return bisect_right(self.edges, float(value))
+        try:
+            return bisect_right(self.edges, float(value))
+        except (TypeError, ValueError):  # not a number: as if missing
+            return 0
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,12 @@ from ops.bench.ingest import PlumProcess
 from ops.bench.protocol import MAX_HISTORY, ProtocolData, catalogue_frame, prepare
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
+from serving.batcher import resolve
 from serving.api import make_tensor
 from serving.config import ServingSettings
 from serving.engine import Request, load_servable
 from serving.metrics import PATH as METRICS_PATH
-from serving.user_features import OnlineHistories
+from serving.user_features import OnlineUserFeatures
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.text_encoder import TextEncoder
 from trainer.jobs import PROMPT_FORMAT
@@ -397,15 +398,15 @@ def profile_request(cfg: PlumConfig, model_name: str, user_ids: list[str]) -> di
     model_dir = cfg.paths.model_dir.parent / model_name
     servable = load_servable(model_dir, 1, cfg.serving.beam_width)
     servable.warm_up(1)
-    histories = OnlineHistories(FeatureStoreClient(cfg.feast_repo_dir, cfg.feast))
+    features = OnlineUserFeatures(FeatureStoreClient(cfg.feast_repo_dir, cfg.feast))
     rng = random.Random(1)
     read, recommend = [], []
     for user in [rng.choice(user_ids) for _ in range(PROFILE_REQUESTS)]:
         started = time.perf_counter()
-        history = histories([user])
+        requests, histories = resolve([Request(user, K)], features)
         read.append(time.perf_counter() - started)
         started = time.perf_counter()
-        servable.recommend([Request(user, K)], history)
+        servable.recommend(requests, histories)
         recommend.append(time.perf_counter() - started)
     return {"requests": PROFILE_REQUESTS, "feast_read_p50_ms": round(float(np.median(read)) * 1000, 2),
             "recommend_p50_ms": round(float(np.median(recommend)) * 1000, 2)}

@@ -16,6 +16,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from serving.config import ServingSettings
 from serving.server import ModelServer, start_grpc
 from serving.versions import ServingConfig
+from serving.user_features import UserFeatures
 from tests.support.serving_state import build_serving_state
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ def self_signed() -> tuple[bytes, bytes]:
 def test_grpc_over_tls(tmp_path):
     cfg = build_serving_state(tmp_path / "state")
     settings = ServingSettings(max_batch=2)
-    core = ModelServer(ServingConfig("plum", cfg.paths.model_dir), settings, lambda users: [([], [])] * len(users),
+    core = ModelServer(ServingConfig("plum", cfg.paths.model_dir), settings, lambda users: [UserFeatures()] * len(users),
                        token="t", say=lambda m: None)
     core.start()
     cert, key = self_signed()

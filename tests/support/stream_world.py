@@ -68,11 +68,14 @@ class LogWriter:
         return offsets
 
 
-def write_cpt_checkpoint(directory: Path, last_offset: int | None, max_history: int = 5, seed: int = 0) -> Path:
-    """A real (untrained) CPT checkpoint whose watermark covers offsets up to last_offset."""
+def write_cpt_checkpoint(directory: Path, last_offset: int | dict[str, int] | None, max_history: int = 5,
+                         seed: int = 0) -> Path:
+    """A real (untrained) CPT checkpoint whose watermark covers offsets up to last_offset (of
+    partition 0, or {partition: last offset})."""
     layout = VocabLayout((CLUSTERS, 16), 2)
     model = init_model(RetrievalSettings(model_size="tiny", seed=seed), layout)
-    watermark = {"offsets": {"0": last_offset}} if last_offset is not None else {"offsets": {}}
+    offsets = last_offset if isinstance(last_offset, dict) else {} if last_offset is None else {"0": last_offset}
+    watermark = {"offsets": offsets}
     return save_model(directory, model, {
         "stage": "cpt", "vocabulary": layout.to_json(), "sid_version": 1,
         "prompt_schema": {"format": "behaviour-v1", "max_history": max_history, "features": []},

@@ -26,7 +26,9 @@ def test_registered_specs_come_back_in_order_and_a_name_is_taken_once(tmp_path):
 
 @pytest.mark.parametrize("fields, message", [
     ({"name": "Device", "type": "categorical", "values": ("a",)}, "pattern"),
-    ({"name": "user_id", "type": "categorical", "values": ("a",)}, "event field"),
+    ({"name": "user_id", "type": "categorical", "values": ("a",)}, "reserved"),
+    ({"name": "event_count", "type": "numeric", "buckets": (1,)}, "reserved"),  # a user_history feature
+    ({"name": "device", "type": "categorical", "values": ("a",), "entity": "item"}, "user"),
     ({"name": "device", "type": "color", "values": ("a",)}, "categorical"),
     ({"name": "device", "type": "categorical"}, "lists its values"),
     ({"name": "device", "type": "categorical", "values": ("a", "a")}, "distinct"),
@@ -36,3 +38,16 @@ def test_registered_specs_come_back_in_order_and_a_name_is_taken_once(tmp_path):
 def test_bad_specs_are_refused_with_a_reason(fields, message):
     with pytest.raises(ValidationError, match=message):
         ContextFeatureSpec(**fields)
+
+
+def test_a_failed_apply_registers_nothing(tmp_path):
+    registry = ContextFeatureRegistry(tmp_path)
+    seen = []
+
+    def apply(specs):
+        seen.append([s.name for s in specs])
+        raise FeatureStoreError("Feast refused")
+
+    with pytest.raises(FeatureStoreError, match="Feast refused"):
+        registry.register(ContextFeatureSpec(name="device", type="categorical", values=("tv",)), apply=apply)
+    assert seen == [["device"]] and registry.specs() == []

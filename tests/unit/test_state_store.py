@@ -83,3 +83,26 @@ def test_item_stats_accumulate_rewards(store):
     stats = store.load_items(["a"])["a"]
     assert (stats.impressions, stats.clicks, stats.event_count) == (1, 1, 3)
     assert stats.mean_reward == pytest.approx((1.0 + 0.3 + 0.0) / 3)
+
+
+def test_each_users_latest_context_value_per_key_is_kept(store):
+    def ctx(user, minutes, item="a", **context):
+        return ev(user, item, minutes).model_copy(update={"context": context})
+
+    changes = apply(store, [ctx("u1", 5, device="tv", hour=7), ctx("u1", 9, device="phone"), ev("u2", "b", 1)])
+    assert [c.user_id for c in changes.contexts] == ["u1"]  # u2 carried no context
+    assert changes.contexts[0].latest() == {"device": "phone", "hour": 7}
+    late = apply(store, [ctx("u1", 7, device="web"), ctx("u1", 10, hour=8)])  # an older event arrives late
+    assert late.contexts[0].latest() == {"device": "phone", "hour": 8}
+    stored = store.load_contexts(["u1", "u2"])
+    assert list(stored) == ["u1"] and stored["u1"].latest() == {"device": "phone", "hour": 8}
+    assert stored["u1"].last_event_time == int((T0 + timedelta(minutes=10)).timestamp())
+    assert [[c.user_id for c in chunk] for chunk in store.contexts_with({"hour"})] == [["u1"]]
+    assert list(store.contexts_with({"surface"})) == []
+    # A user's rows never share a timestamp: a restatement (a feature's fill) comes a microsecond later.
+    at_10 = int((T0 + timedelta(minutes=10)).timestamp()) * 1_000_000
+    assert stored["u1"].written_us == at_10
+    [restated] = store.restate_contexts([stored["u1"]])
+    assert store.load_contexts(["u1"])["u1"].written_us == restated.written_us == at_10 + 1
+    assert apply(store, [ctx("u1", 10, "b", hour=9)]).contexts[0].written_us == at_10 + 2  # same second again
+    assert apply(store, [ctx("u1", 11, "c", hour=9)]).contexts[0].written_us == at_10 + 60_000_000
