@@ -60,3 +60,7 @@ class PipelineConfig(BaseModel):
     cooccurrence_window: int = Field(10, ge=1)
     max_payload_bytes: int = Field(65536, ge=256)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    # Prometheus metrics (ingest/metrics.py) on 127.0.0.1:<metrics_port>/metrics while `plum pipeline`
+    # streams; 0 = off. Sampled from the state store and the broker every metrics_interval_s.
+    metrics_port: int = Field(8502, ge=0, le=65535)
+    metrics_interval_s: float = Field(5.0, gt=0)

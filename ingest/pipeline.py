@@ -11,7 +11,7 @@ import fcntl
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,9 +116,11 @@ def state_lock(state_db: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[str] | None = None) -> PipelineResult:
-    """Run the pipeline to completion (bounded) or until interrupted (unbounded)."""
-    with state_lock(Path(settings.state_db)):
+def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[str] | None = None,
+        while_running: AbstractContextManager[Any] | None = None) -> PipelineResult:
+    """Run the pipeline to completion (bounded) or until interrupted (unbounded). `while_running` is
+    entered once this process owns the state store and left when the run ends (metrics, status records)."""
+    with state_lock(Path(settings.state_db)), while_running or nullcontext():
         return _run(settings, until_caught_up, extra_args)
 
 

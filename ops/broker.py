@@ -47,7 +47,8 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,7 +84,7 @@ class BrokerInfo:
         return cls(**json.loads(path.read_text()))
 
     def is_running(self) -> bool:
-        return _pid_alive(self.pid) and port_is_open(self.host, self.port)
+        return pid_alive(self.pid) and port_is_open(self.host, self.port)
 
 
 class EmbeddedBroker:
@@ -139,7 +140,7 @@ class EmbeddedBroker:
 
 def stop_process(pid: int, timeout: float = 10.0, process: subprocess.Popen[bytes] | None = None) -> bool:
     """Terminate a process we started; True when it is gone."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return True
     try:
         os.kill(pid, signal.SIGTERM)
@@ -150,7 +151,7 @@ def stop_process(pid: int, timeout: float = 10.0, process: subprocess.Popen[byte
         if process is not None:
             if process.poll() is not None:
                 return True
-        elif not _pid_alive(pid):
+        elif not pid_alive(pid):
             return True
         time.sleep(0.05)
     try:

@@ -373,6 +373,42 @@ def features_list(ctx: click.Context, as_json: bool) -> None:
     click.echo(to_json(rows) if as_json else format_listing(rows))
 
 
+# -- status ---------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (the same figures as the text).")
+@click.option("--window", type=click.FloatRange(min=0.1, max=60), default=2.0, show_default=True,
+              help="Seconds between the two scrapes of the server's metrics that give request rates and latency.")
+@click.option("--serve", "serve_page", is_flag=True,
+              help="Serve a read-only status page (figures, plots of Recall@10 and loss per version and of "
+                   "consumer lag over time) and /status.json until Ctrl-C or SIGTERM.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --serve: the address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8503, show_default=True,
+              help="With --serve: the port (0: any free port, printed).")
+@click.option("--interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+              help="With --serve: seconds between samples (lag history, request rates).")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, window: float, serve_page: bool, host: str, port: int,
+           interval: float) -> None:
+    """Where the whole loop stands, every figure read from the running system: broker reachable,
+    consumer lag per partition, pipeline totals and throughput, the dead-letter topic's count and
+    newest reasons, SID version and items without a SID, the trainer's step, checkpoint, watermark
+    and eval figures, servable versions and labels, and the server's version states, traffic per
+    label, request rate and latency. A part that is not running is reported as not running; the
+    exit code is 0 whatever is down."""
+    cfg = _config(ctx)
+    if serve_page:
+        if as_json:
+            raise click.UsageError("--json and --serve do not combine: the page serves its JSON at /status.json.")
+        from ops.status_page import run
+
+        run(cfg, host, port, interval, say=click.echo)
+        return
+    from ops.status import StatusReader, format_status, to_json
+
+    report = StatusReader(cfg, window_s=window).read()
+    click.echo(to_json(report) if as_json else format_status(report))
+
+
 # -- the main job ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)

@@ -8,10 +8,8 @@ import time
 from collections import Counter
 
 import click
-from kafka import TopicPartition
 
 from features import FeatureStoreClient
-from ingest.kafka_clients import make_consumer
 from ingest.pipeline import counters
 from ingest.producer import EventProducer
 from ingest.training_log import read_training_log
@@ -19,6 +17,7 @@ from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.ingest_jobs import replay_dataset, run_pipeline
 from ops.stack import up
+from ops.status import dlq_reasons
 
 # A few malformed records, so the run shows the dead-letter path working next to the good data.
 BAD_RECORDS = [
@@ -28,19 +27,6 @@ BAD_RECORDS = [
     b'{"schema_version":1,"event_id":"bad-2","user_id":"u","item_id":"i","event_type":"teleport",'
     b'"event_time":"2020-01-01T00:00:00Z"}',
 ]
-
-
-def dlq_reasons(cfg: PlumConfig, limit: int = 1000) -> list[str]:
-    """The reasons recorded on the dead-letter topic (reads it from the start)."""
-    consumer = make_consumer(cfg.kafka)
-    tp = TopicPartition(cfg.kafka.dlq_topic, 0)
-    consumer.assign([tp])
-    reasons: list[str] = []
-    for _ in range(5):
-        for record in consumer.poll(timeout_ms=500, max_records=limit).get(tp, []):
-            reasons.append(dict(record.headers).get("plum.dlq.reason", b"").decode())
-    consumer.close()
-    return reasons
 
 
 def run(cfg: PlumConfig, dataset: str = "movielens-100k", limit: int | None = None, keep_up: bool = False) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 import click
 from tqdm import tqdm
@@ -15,6 +19,7 @@ from ingest.producer import EventProducer
 from ingest.replay import ReplayResult, replay
 from ingest.sinks import SinkSettings
 from ops.config import PlumConfig
+from ops.runtime import announce
 from ops.stack import resolve
 
 
@@ -67,8 +72,14 @@ def run_pipeline(cfg: PlumConfig, until_caught_up: bool, runner: str | None = No
         mode = "until caught up" if until_caught_up else "streaming until interrupted (Ctrl-C)"
         click.echo(f"pipeline: {pipeline_cfg.runner}, {mode}; reading {cfg.kafka.events_topic} and "
                    f"{cfg.kafka.items_topic} from {settings.kafka.bootstrap_servers}")
+    if not until_caught_up and threading.current_thread() is threading.main_thread():
+        # Explicit handlers: a process started in the background inherits SIGINT ignored, and SIGTERM
+        # (what service managers send) should stop the pipeline like Ctrl-C, metrics server included.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        result = run(settings, until_caught_up=until_caught_up, extra_args=beam_args)
+        result = run(settings, until_caught_up=until_caught_up, extra_args=beam_args,
+                     while_running=_while_running(cfg, settings, streaming=not until_caught_up, quiet=quiet))
     except KeyboardInterrupt:
         click.echo("pipeline: interrupted; committed batches are safe, the rest is re-read on restart")
         raise SystemExit(130) from None
@@ -77,3 +88,31 @@ def run_pipeline(cfg: PlumConfig, until_caught_up: bool, runner: str | None = No
                    f"ignored), {result.items_upserted} item upserts, {result.records_rejected} records to the "
                    f"DLQ in {result.seconds:.1f} s ({result.events_per_second:,.0f} events/s)")
     return result
+
+
+@contextmanager
+def _while_running(cfg: PlumConfig, settings: SinkSettings, streaming: bool, quiet: bool) -> Iterator[None]:
+    """The pipeline's record for `plum status` and, while it streams, its Prometheus metrics."""
+    from ingest.metrics import PipelineMetrics
+
+    port = settings.pipeline.metrics_port
+    metrics, endpoints = None, {}
+    if streaming and port:
+        metrics = PipelineMetrics(settings.kafka, Path(settings.state_db), settings.pipeline.metrics_interval_s)
+        try:
+            endpoints["metrics"] = metrics.serve(port)
+        except OSError as exc:
+            metrics.close()
+            metrics = None
+            # Ingestion matters more than its metrics: say so and go on without them.
+            click.echo(f"pipeline: no Prometheus metrics: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                       "set pipeline.metrics_port to a free port (0 turns them off)", err=True)
+        else:
+            if not quiet:
+                click.echo(f"pipeline: Prometheus metrics on {endpoints['metrics']}")
+    try:
+        with announce(cfg, "pipeline", **endpoints):
+            yield
+    finally:
+        if metrics is not None:
+            metrics.close()

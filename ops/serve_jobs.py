@@ -12,6 +12,7 @@ import click
 
 from ops.config import PlumConfig
 from ops.errors import PlumError
+from ops.runtime import announce
 
 
 def management_token(cfg: PlumConfig) -> tuple[str, Path]:
@@ -76,8 +77,12 @@ def serve(cfg: PlumConfig, stop: threading.Event | None = None, ready: threading
             signal.signal(sig, lambda *_: stop.set())
     if ready is not None:
         ready.set()
+    endpoints = {"grpc": f"{settings.host}:{grpc_server.port}"}
+    if rest is not None:
+        endpoints["rest"] = f"http://{settings.host}:{rest.port}"
     try:
-        stop.wait()
+        with announce(cfg, "serve", **endpoints):
+            stop.wait()
     finally:
         click.echo("serve: stopping (in-flight requests finish)")
         if rest is not None:

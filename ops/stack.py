@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from features import FeatureStoreClient
 from ingest.state_store import PipelineStateStore
 from ingest.kafka_clients import ensure_topics, probe
 from ops.broker import BrokerInfo, EmbeddedBroker, stop_process
@@ -40,6 +39,8 @@ def resolve(cfg: PlumConfig) -> PlumConfig:
 def up(cfg: PlumConfig, port: int | None = None, detach: bool = True,
        say: Callable[[str], None] = print) -> StackState:
     """Start (or reuse) the broker, create topics, apply the Feast repo."""
+    from features import FeatureStoreClient  # here, not at the top: importing Feast takes seconds
+
     broker = None
     if cfg.kafka.is_embedded:
         broker = BrokerInfo.load(cfg.paths.stack_file)

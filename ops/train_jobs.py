@@ -12,6 +12,7 @@ from ingest.training_log import read_training_log
 from ops.assets import smollm2_gguf
 from ops.config import PlumConfig
 from ops.errors import PlumError
+from ops.runtime import announce
 
 def _checkpoint_numbers(root: Path) -> list[int]:
     """Numbers of the complete checkpoints under root, oldest first (a checkpoint is written under a
@@ -131,9 +132,11 @@ def train_continuous(cfg: PlumConfig, stop=None, max_steps: int | None = None, u
     except (ContinuousError, CheckpointError, SIDTableError, FeatureStoreError) as exc:
         raise PlumError(str(exc)) from None
     port = cfg.trainer.continuous.metrics_port
+    endpoints = {}
     if port:
         start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
-        click.echo(f"train continuous: Prometheus metrics on http://127.0.0.1:{port}/metrics")
+        endpoints["metrics"] = f"http://127.0.0.1:{port}/metrics"
+        click.echo(f"train continuous: Prometheus metrics on {endpoints['metrics']}")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,7 +144,8 @@ def train_continuous(cfg: PlumConfig, stop=None, max_steps: int | None = None, u
     click.echo(f"train continuous: status in {paths.status}; servable versions in {paths.model_dir}; "
                "Ctrl-C checkpoints and stops")
     try:
-        trainer.run(stop, max_steps=max_steps, until_drained=until_drained)
+        with announce(cfg, "trainer", **endpoints):
+            trainer.run(stop, max_steps=max_steps, until_drained=until_drained)
     finally:
         trainer.close()
     click.echo(f"train continuous: stopped at step {trainer.loop.step_count}")

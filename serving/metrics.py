@@ -2,6 +2,8 @@
 
   plum_serving_requests_total{outcome}          Predict calls to this server's model: ok, invalid (a client
                                                 mistake: bad input, unknown version), error
+  plum_serving_version_requests_total{version}  Predict calls answered (ok) by each version: the traffic of
+                                                the versions the labels point at
   plum_serving_request_seconds                  Predict latency inside the server (queue + batch + search)
   plum_serving_batch_size                       users per beam search the batcher ran
   plum_serving_batch_seconds{stage}             per batch: features (Feast history read), search (prompt
@@ -55,6 +57,8 @@ class ServingMetrics:
                                 registry=self.registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # export zeros before the first request
+        self.version_requests = Counter("plum_serving_version_requests", "Predict calls answered, by version.",
+                                        ["version"], registry=self.registry)
         self.latency = Histogram("plum_serving_request_seconds", "Predict latency inside the server.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("plum_serving_batch_size", "Users per beam search run by the batcher.",

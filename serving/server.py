@@ -73,8 +73,10 @@ class ModelServer:
                 results = self.batcher.recommend(requests, version)
             except UnknownVersion:
                 # The chosen version was unloaded between choosing and batching (a swap): choose again.
-                results = self.batcher.recommend(requests, self.manager.choose(target.version, target.label))
+                version = self.manager.choose(target.version, target.label)
+                results = self.batcher.recommend(requests, version)
             outcome = "ok"
+            self.metrics.version_requests.labels(str(version)).inc()
             return requests, results
         except (InvalidRequest, UnknownVersion):
             outcome = "invalid"

@@ -416,7 +416,7 @@ class ContinuousTrainer:
     def _export(self, step: int, report: dict[str, Any], reason: str) -> None:
         manifest = {key: self.origin[key] for key in ("vocabulary", "sid_version", "prompt_schema")}
         watermark = self.stream.watermark()
-        manifest.update(stage="continuous", data_watermark=watermark,
+        manifest.update(stage="continuous", data_watermark=watermark, train_loss=self.loss,
                         eval={"protocol": "newest held-out events after the training watermark, one per user",
                               **report["model"], "served_version": report.get("served_version"),
                               "served": report.get("served")},
@@ -487,7 +487,9 @@ class ContinuousTrainer:
                 if until_drained and not self.stream.pending and not self.stream.released \
                         and self.poll() == 0:
                     break
-                self.state = "idle"
+                if self.state != "idle":
+                    self.state = "idle"
+                    self.write_status()  # idle is visible at once, not only at the next boundary
                 stop.wait(min(cfg.poll_interval_s, max(0.05, cfg.checkpoint_every_s - (now - last_boundary))))
                 continue
             self.state = "training"
