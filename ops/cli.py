@@ -411,16 +411,58 @@ def status(ctx: click.Context, as_json: bool, window: float, serve_page: bool, h
 
 # -- the main job ---------------------------------------------------------------------------
 @cli.command()
-@click.option("--dataset", type=click.Choice(DATASETS), default="movielens-100k", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay only the first N events.")
-@click.option("--keep-up", is_flag=True, help="Leave the stack running afterwards.")
+@click.option("--limit", type=click.IntRange(min=1000), default=None,
+              help="Replay only the first N MovieLens-100K events, history and live together (default: all 100,000).")
+@click.option("--live-events", type=click.IntRange(min=1), default=None,
+              help="How many of the last events arrive live, after the trainer has trained on the rest "
+                   "(default: a tenth of the events replayed).")
+@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
+              help="Decoder size (random init).")
+@click.option("--sid-steps", type=click.IntRange(min=1), default=300, show_default=True, help="RQ-VAE steps.")
+@click.option("--cpt-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Continued pre-training steps.")
+@click.option("--sft-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="The continuous trainer's SFT steps on the history before the live events arrive.")
+@click.option("--show-users", type=click.IntRange(min=1, max=20), default=3, show_default=True,
+              help="Users whose top-10 is printed.")
+@click.option("--keep-up", is_flag=True,
+              help="Leave the broker and the state up afterwards (the pipeline, trainer and server still stop).")
 @click.pass_context
-def demo(ctx: click.Context, dataset: str, limit: int | None, keep_up: bool) -> None:
-    """The main job on the embedded default: bring the stack up, stream a real data set through
-    ingestion, print what landed, and shut down cleanly."""
-    from ops.demo import run
+def demo(ctx: click.Context, **options: Any) -> None:
+    """The main job: the whole loop on the embedded default, in <state>/demo (wiped first).
 
-    run(_config(ctx), dataset=dataset, limit=limit, keep_up=keep_up)
+    \b
+     1 stack     the embedded Tansu broker, topics, the Feast repo
+     2 replay    MovieLens-100K through Kafka: items, the history (times shifted to end now),
+                 3 malformed records for the dead-letter topic
+     3 pipeline  the Beam pipeline until caught up: Feast and the training log
+     4 SIDs      SID-v2 RQ-VAE over the catalogue
+     5 start     the streaming pipeline and the gRPC server (serves the 'stable' label only)
+     6 CPT       continued pre-training of the decoder on the history
+     7 trainer   the continuous trainer: SFT steps on the history
+     8 live      the last events arrive live; the trainer evaluates its checkpoint on each live
+                 user's newest event and exports a servable version
+     9 promote   the first version that passes the gates -> label 'stable' (audit log)
+    10 query     Predict over gRPC: top-10 with titles for a few users, serving latency
+    Then a summary (events ingested, DLQ, SID uniqueness, Recall@10, latency) and a clean
+    shutdown of everything started, also on Ctrl-C.
+
+    The defaults took 7 minutes on 2 quiet CPUs here and 12 while other work shared them (CPT and
+    the trainer's steps take most of it). The whole loop on a reduced configuration (about a
+    minute):
+
+    \b
+    plum demo --limit 3000 --model-size tiny --sid-steps 30 --cpt-steps 5 --sft-steps 10
+    """
+    import warnings
+
+    # Feast switches DeprecationWarnings on for everyone at import ("once"); kafka-python, imported after
+    # it here, would then print its own at the top of the run. Import-time warnings are kept (not
+    # printed) and the filters restored afterwards.
+    with warnings.catch_warnings(record=True):
+        from ops.demo import DemoRun, run
+
+    run(_config(ctx), DemoRun(**options))
 
 
 # -- benchmarks -----------------------------------------------------------------------------

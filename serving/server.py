@@ -56,6 +56,10 @@ class ModelServer:
         return self.manager.config.name
 
     def start(self) -> None:
+        try:  # the online store opens on its first read (about 0.4 s): not on a client's request
+            self.batcher.features(["plum-warm-up"])
+        except Exception as exc:  # reported here; requests retry the read and fail with the cause
+            self.say(f"serve: warning: reading user features failed: {exc}")
         self.manager.start()
 
     def stop(self) -> None:

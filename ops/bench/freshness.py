@@ -42,14 +42,12 @@ throughput: the trainer's own tokens/s per report window (5 s of wall clock, so 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import statistics
 import tempfile
 import threading
 import time
-from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +60,20 @@ from ingest.events import EngagementEvent, ItemUpsert
 from ingest.producer import EventProducer
 from ingest.replay import replay
 from ingest.training_log import read_training_log
-from ops.bench.ingest import OnlineObserver, PlumProcess, StreamingPipeline, _delays, warm_up
+from ops.bench.ingest import OnlineObserver, _delays, warm_up
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from ops.errors import PlumError
 from ops.ingest_jobs import run_pipeline
+from ops.live import LiveReplay, interleave_users
+from ops.processes import PlumProcess, StreamingPipeline, TrainerProcess, read_status, wait_for, write_config
 from ops.stack import up
 from ops.tokenize_jobs import fit
 from ops.train_jobs import train_cpt
 from trainer.checkpoint import CheckpointError, read_manifest
 from trainer.config import TrainerSettings
-from trainer.continuous import STATUS
 from trainer.servable import version_numbers
 
 TARGET_VERSION_DELAY_S = 300.0
@@ -109,20 +108,13 @@ class FreshnessRun:
                                                   for k, v in dataclasses.asdict(self).items()))
 
     def trainer(self, base: TrainerSettings) -> TrainerSettings:
-        """The trainer settings of this run (CPT in process, the continuous trainer via trainer_env)."""
+        """The trainer settings of this run (CPT in process, the continuous trainer from the run's config file)."""
         continuous = base.continuous.model_copy(update={
             "checkpoint_every_s": self.checkpoint_every_s, "min_eval_examples": self.min_eval_examples,
             "eval_examples": self.eval_examples, "idle_after_steps": self.idle_after_steps,
             "report_every_s": REPORT_EVERY_S})
         return base.model_copy(update={"model_size": self.model_size, "batch_size": self.batch_size,
                                        "cpt_steps": self.cpt_steps, "continuous": continuous})
-
-
-def trainer_env(settings: TrainerSettings) -> dict[str, str]:
-    """Every trainer setting as a PLUM_TRAINER__ override, so the trainer process runs exactly these."""
-    env = {f"PLUM_TRAINER__{k.upper()}": str(v) for k, v in settings.model_dump(exclude={"continuous"}).items()}
-    env.update({f"PLUM_TRAINER__CONTINUOUS__{k.upper()}": str(v) for k, v in settings.continuous.model_dump().items()})
-    return env
 
 
 def percentiles(delays: list[float]) -> dict[str, float | None]:
@@ -149,41 +141,6 @@ def coverage_delays(probes: dict[str, tuple[int, int]], sent_at: dict[str, float
     return delays
 
 
-class LiveReplay(threading.Thread):
-    """Sends events at a fixed rate, each re-timed to its send time; the first `probes` are probes."""
-
-    def __init__(self, cfg: PlumConfig, events: list[EngagementEvent], rate: float, probes: int) -> None:
-        super().__init__(daemon=True)
-        self.cfg, self.events, self.rate, self.probes = cfg, events, rate, probes
-        self.sent_at: dict[str, float] = {}  # probe event id -> send time
-        self.user_sends: dict[str, list[float]] = {}  # a user's probe send times, in order
-        self.sent = 0
-        self.started_at = self.last_probe_at = 0.0
-        self.error: BaseException | None = None
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with EventProducer(self.cfg.kafka, linger_ms=1) as producer:
-                self.started_at = time.monotonic()
-                for i, event in enumerate(self.events):
-                    wait = self.started_at + i / self.rate - time.monotonic()
-                    if self.stop_event.wait(max(wait, 0)):
-                        break
-                    producer.send_event(event.model_copy(update={"event_time": datetime.now(timezone.utc)}))
-                    if i < self.probes:
-                        self.last_probe_at = now = time.monotonic()
-                        self.sent_at[event.event_id] = now
-                        self.user_sends.setdefault(event.user_id, []).append(now)
-                    self.sent = i + 1
-        except Exception as exc:  # reported by the main thread's check
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the live replay failed: {self.error}")
-
-
 class TrainerObserver(threading.Thread):
     """Polls the trainer's status file and the model directory: status samples (with the watermark
     of what the trainer has taken), and each servable version with the time this process first saw it."""
@@ -197,10 +154,7 @@ class TrainerObserver(threading.Thread):
         self.stop_event = threading.Event()
 
     def status(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        return read_status(self.status_file)
 
     def run(self) -> None:
         last = None
@@ -253,18 +207,6 @@ def throughput(samples: list[dict[str, Any]], phase: str) -> dict[str, Any]:
             "windows": len(in_phase), "windows_with_a_boundary": sum(boundary for _, boundary in in_phase)}
 
 
-def interleave_users(events: list[EngagementEvent]) -> list[EngagementEvent]:
-    """The same events with each user's spread evenly over the sequence, each user's own order kept:
-    many users active at once, as on a live service, instead of one user's rating sitting at a time."""
-    totals = Counter(e.user_id for e in events)
-    seen: Counter[str] = Counter()
-    keyed = []
-    for i, event in enumerate(events):
-        keyed.append(((seen[event.user_id] + 0.5) / totals[event.user_id], i))
-        seen[event.user_id] += 1
-    return [events[i] for _, i in sorted(keyed)]
-
-
 def _events(cfg: PlumConfig, fresh: FreshnessRun) -> tuple[list[ItemUpsert], list[EngagementEvent],
                                                             list[EngagementEvent]]:
     """Items, history events, and the live events in the order they will be sent (probes first)."""
@@ -278,16 +220,6 @@ def _events(cfg: PlumConfig, fresh: FreshnessRun) -> tuple[list[ItemUpsert], lis
     if fresh.order == "interleaved":
         live, tail = interleave_users(live), interleave_users(tail)
     return list(to_item_upserts(ds)), events[:fresh.history_events], live + tail
-
-
-def _wait_until(condition, timeout: float, what: str, processes: list[PlumProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for process in processes:
-            process.check()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
 
 
 def _probe_positions(cfg: PlumConfig, event_ids: set[str]) -> dict[str, tuple[int, int]]:
@@ -393,14 +325,13 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
         click.echo(f"bench freshness: streaming pipeline up ({startup:.1f} s to its first online feature)")
         train_cpt(cfg)  # after the warm-up event, so its watermark covers every event logged so far
 
-        trainer = PlumProcess(cfg, ["train", "--continuous"], "bench-trainer.log", env=trainer_env(cfg.trainer),
-                              stop_timeout=60)
+        trainer = TrainerProcess(cfg, write_config(cfg, cfg.paths.state("bench-freshness.yaml")))
         processes.insert(0, trainer)
-        observer = TrainerObserver(cfg.paths.trainer_dir / STATUS, cfg.paths.model_dir)
+        observer = TrainerObserver(trainer.status_file, cfg.paths.model_dir)
         threads.append(observer)
         observer.start()
-        _wait_until(lambda: observer.status().get("state") == "idle", 900 + 5 * fresh.idle_after_steps,
-                    "the trainer's history-only steps", processes)
+        wait_for(lambda: observer.status().get("state") == "idle", 900 + 5 * fresh.idle_after_steps,
+                 "the trainer's history-only steps", processes)
         alone = throughput(observer.samples, "alone")
         click.echo(f"bench freshness: trainer alone: {alone['tokens_per_s']} tokens/s "
                    f"(median of {alone['windows']} report windows)")

@@ -14,10 +14,7 @@ All on one fresh embedded stack, in one run:
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,10 +34,11 @@ from ingest.pipeline import counters
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
 from ops.bench.report import machine, update_readme_table, write_result
-from ops.broker import EmbeddedBroker, stop_process
+from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from ops.ingest_jobs import run_pipeline
+from ops.processes import StreamingPipeline
 from ops.stack import up
 
 PROBE_USERS = 400
@@ -115,38 +113,6 @@ def _delays(sent: dict[str, list[float]], seen: dict[str, list[tuple[int, float]
             delays.extend(at - send_times[k] for k in range(shown, min(count, len(send_times))))
             shown = max(shown, count)
     return delays
-
-
-class PlumProcess:
-    """A `plum` command as a separate process against the bench's stack, its output in a log file."""
-
-    def __init__(self, cfg: PlumConfig, args: list[str], log_name: str, env: dict[str, str] | None = None,
-                 stop_timeout: float = 20) -> None:
-        env = {**os.environ, "PLUM_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers, **(env or {})}
-        self.command = "plum " + " ".join(args)
-        self.stop_timeout = stop_timeout
-        self.log_file = cfg.paths.state("logs", log_name)
-        with open(self.log_file, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ops.cli", "--state-dir", cfg.paths.state_dir, *args],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            tail = self.log_file.read_text(errors="replace").splitlines()[-20:]
-            raise RuntimeError(f"`{self.command}` exited ({self.process.returncode}); the end of {self.log_file}:\n"
-                               + "\n".join(tail))
-
-    def stop(self) -> None:
-        """SIGTERM (the process finishes what it must), SIGKILL after stop_timeout."""
-        stop_process(self.process.pid, timeout=self.stop_timeout, process=self.process)
-
-
-class StreamingPipeline(PlumProcess):
-    """`plum pipeline` as a separate process against the bench's stack."""
-
-    def __init__(self, cfg: PlumConfig) -> None:
-        super().__init__(cfg, ["pipeline"], "bench-pipeline.log")
 
 
 def warm_up(cfg: PlumConfig, pipeline: StreamingPipeline, store: FeatureStoreClient, item: str) -> float:

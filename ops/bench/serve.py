@@ -40,22 +40,18 @@ import grpc
 import jax
 import numpy as np
 import pandas as pd
-import yaml
 from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
-from tensorflow.core.framework import types_pb2
-from tensorflow_serving.apis import (
-    get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
-)
+from tensorflow_serving.apis import predict_pb2
 
 from features import FeatureStoreClient
 from ops.assets import fetch_asset, smollm2_gguf
-from ops.bench.ingest import PlumProcess
 from ops.bench.protocol import MAX_HISTORY, ProtocolData, catalogue_frame, prepare
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
+from ops.processes import ServerProcess, write_config
+from ops.serving_client import K, ServingClient, predict_requests
 from serving.batcher import resolve
-from serving.api import make_tensor
 from serving.config import ServingSettings
 from serving.engine import Request, load_servable
 from serving.metrics import PATH as METRICS_PATH
@@ -72,7 +68,6 @@ from trainer.warm_start import TextTokenizer
 DATASET = "movielens-100k"
 PLUM, SASREC = "plum", "sasrec"  # model names under the bench's model base
 ONLINE_HISTORY = 50  # items of a user's history the pipeline keeps online (features/repo.py)
-K = 10
 WARM_UP_S = 2.0  # unrecorded load before a server's first level
 SWAP_GAP_S = 3.0  # steady load before, between and after swaps: the samples outside swap windows
 SWAP_TIMEOUT_S = 180.0
@@ -191,35 +186,23 @@ class BenchServer:
     def __init__(self, cfg: PlumConfig, config_file: Path, model_name: str, label: str,
                  env: dict[str, str] | None = None) -> None:
         self.model_name, self.label = model_name, label
-        self.process = PlumProcess(cfg, ["--config", str(config_file), "serve", "--grpc-port", "0", "--rest-port", "0"],
-                                   f"bench-serve-{re.sub(r'[^a-z0-9]+', '-', label)}.log", env={"PLUM_PATHS__MODEL_NAME": model_name, **(env or {})},
-                                   stop_timeout=30)
-        started = time.monotonic()
+        self.process = ServerProcess(cfg, f"bench-serve-{re.sub(r'[^a-z0-9]+', '-', label)}.log",
+                                     env={"PLUM_PATHS__MODEL_NAME": model_name, **(env or {})}, config_file=config_file)
         try:
-            while not (match := re.search(r"gRPC on [^:]+:(\d+)[^;\n]*?(?:, REST on (http://[^\s;]+))?;", self.log())):
-                self.process.check()
-                if time.monotonic() - started > START_TIMEOUT_S:
-                    raise RuntimeError(f"`{self.process.command}` did not start in {START_TIMEOUT_S:.0f} s:\n"
-                                       + self.log()[-3000:])
-                time.sleep(0.2)
+            self.process.wait_ready(START_TIMEOUT_S)
         except BaseException:
             self.process.stop()
             raise
-        self.start_seconds = round(time.monotonic() - started, 1)
-        self.rest_url = match[2]  # None with REST off: no batch figures then
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{match[1]}")
-        self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.start_seconds = self.process.start_seconds
+        self.rest_url = self.process.rest_url  # None with REST off: no batch figures then
+        self.client = ServingClient(self.process.grpc_target, model_name)
+        self.predict = self.client.predict
 
     def log(self) -> str:
-        return self.process.log_file.read_text(errors="replace")
+        return self.process.log()
 
     def states(self) -> dict[int, str]:
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = self.model_name
-        response = self.models.GetModelStatus(request, timeout=10)
-        names = get_model_status_pb2.ModelVersionStatus.State
-        return {s.version: names.Name(s.state) for s in response.model_version_status}
+        return self.client.states()
 
     def batch_totals(self) -> dict[str, float]:
         """The server's own batch counters (its Prometheus metrics): batches, users, seconds per stage."""
@@ -242,20 +225,8 @@ class BenchServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.channel.close()
+        self.client.close()
         self.process.stop()
-
-
-def predict_requests(model_name: str, user_ids: list[str]) -> list[predict_pb2.PredictRequest]:
-    """One single-user Predict request (k=10) per user."""
-    requests = []
-    for user in user_ids:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name
-        request.inputs["user_id"].CopyFrom(make_tensor(np.array([user], object), types_pb2.DT_STRING))
-        request.inputs["k"].CopyFrom(make_tensor(np.int64(K), types_pb2.DT_INT64))
-        requests.append(request)
-    return requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,8 +402,7 @@ def run(cfg: PlumConfig, serve_run: ServeRun, output: str | None = None) -> dict
     started = time.monotonic()
     try:
         cfg.paths.state("logs").mkdir(parents=True, exist_ok=True)
-        config_file = cfg.paths.state("bench-serve.yaml")
-        config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        config_file = write_config(cfg, cfg.paths.state("bench-serve.yaml"))
         data = prepare(DATASET, cfg, MAX_HISTORY)
         decoder, plum_info = build_decoder(cfg, serve_run, data)
         decoder.export(cfg.paths.model_dir)
