@@ -14,7 +14,7 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -94,18 +94,16 @@ def pipeline_options(runner: str, streaming: bool, extra_args: list[str] | None 
 
 
 @contextmanager
-def state_lock(state_db: Path) -> Iterator[None]:
-    """One pipeline per state store: a second would only re-read and de-duplicate the first's work."""
-    state_db.parent.mkdir(parents=True, exist_ok=True)
-    with open(state_db.with_suffix(".lock"), "a+") as handle:
+def pid_lock(path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (this process's pid written inside) until the block ends;
+    when another process holds it, raise busy(its pid, or "unknown") at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            raise PipelineBusyError(
-                f"Another pipeline (pid {owner}) is running with state {state_db.parent}; stop it first."
-            ) from None
+            raise busy(handle.read().strip() or "unknown") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -114,6 +112,12 @@ def state_lock(state_db: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def state_lock(state_db: Path) -> AbstractContextManager[None]:
+    """One pipeline per state store: a second would only re-read and de-duplicate the first's work."""
+    return pid_lock(state_db.with_suffix(".lock"), lambda owner: PipelineBusyError(
+        f"Another pipeline (pid {owner}) is running with state {state_db.parent}; stop it first."))
 
 
 def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[str] | None = None,

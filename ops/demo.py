@@ -24,23 +24,22 @@ Then a summary; everything this run started is stopped, also on Ctrl-C, SIGTERM 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import shutil
 import signal
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
 from features import FeatureStoreClient
 from ingest.datasets import to_events, to_item_upserts
 from ingest.events import EngagementEvent
-from ingest.pipeline import counters
+from ingest.pipeline import counters, pid_lock
 from ingest.producer import EventProducer
 from ingest.replay import replay
 from ops.broker import BrokerInfo, EmbeddedBroker, pid_alive
@@ -135,24 +134,11 @@ def run(cfg: PlumConfig, demo: DemoRun) -> None:
         _run_alone(cfg, demo)
 
 
-@contextmanager
-def _only_run(lock: Path) -> Iterator[None]:
+def _only_run(lock: Path) -> AbstractContextManager[None]:
     """One main job per state directory at a time: a second would wipe the first's state."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise PlumError(f"another `plum demo` (pid {handle.read().strip() or '?'}) is running with this state "
-                            f"directory ({lock.parent}); wait for it, or pass another --state-dir") from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return pid_lock(lock, lambda owner: PlumError(
+        f"another `plum demo` (pid {owner}) is running with this state directory ({lock.parent}); "
+        "wait for it, or pass another --state-dir"))
 
 
 def _run_alone(cfg: PlumConfig, demo: DemoRun) -> None:

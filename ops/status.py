@@ -178,11 +178,11 @@ def dlq_reasons(cfg: PlumConfig, limit: int = 1000) -> list[str]:
     return [letter.reason for letter in read_dead_letters(cfg.kafka, last=limit)[1]]
 
 
-def _fetch(url: str, timeout: float = 5.0) -> str:
-    # A server listening on every interface is reached on loopback.
+def scrape(url: str, timeout: float = 5.0) -> Samples:
+    """A Prometheus endpoint's samples (a server listening on every interface is reached on loopback)."""
     url = url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//127.0.0.1:")
     with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read().decode()
+        return parse_metrics(response.read().decode())
 
 
 def _running(part: RunningPart | None) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def pipeline_status(cfg: PlumConfig, kafka: KafkaConfig | None) -> dict[str, Any
         section["throughput_detail"] = "the running pipeline serves no metrics (pipeline.metrics_port 0 or in use)"
     else:
         try:
-            value = parse_metrics(_fetch(url)).get(("plum_pipeline_records_per_second", ()))
+            value = scrape(url).get(("plum_pipeline_records_per_second", ()))
         except (OSError, ValueError) as exc:
             section["throughput_detail"] = f"its metrics at {url} did not answer: {exc}"
         else:
@@ -368,10 +368,10 @@ class StatusReader:
         try:
             previous = self._scrape if self._scrape and self._scrape[0] == section["pid"] else None
             if previous is None:
-                previous = (section["pid"], time.monotonic(), parse_metrics(_fetch(metrics_url)))
+                previous = (section["pid"], time.monotonic(), scrape(metrics_url))
                 time.sleep(self.window_s)
             now = time.monotonic()
-            samples = parse_metrics(_fetch(metrics_url))
+            samples = scrape(metrics_url)
         except (OSError, ValueError) as exc:
             self._scrape = None
             return {**section, "detail": f"its metrics at {metrics_url} did not answer: {exc}"}

@@ -31,7 +31,6 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +40,6 @@ import jax
 import numpy as np
 import pandas as pd
 from flax import nnx
-from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
 from features import FeatureStoreClient
@@ -51,6 +49,7 @@ from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
 from ops.processes import ServerProcess, write_config
 from ops.serving_client import K, ServingClient, predict_requests
+from ops.status import scrape
 from serving.batcher import resolve
 from serving.config import ServingSettings
 from serving.engine import Request, load_servable
@@ -209,16 +208,11 @@ class BenchServer:
         totals = {"batches": 0.0, "users": 0.0, "features_s": 0.0, "search_s": 0.0}
         if self.rest_url is None:
             return totals
-        with urllib.request.urlopen(self.rest_url + METRICS_PATH, timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "plum_serving_batch_size_count":
-                    totals["batches"] = sample.value
-                elif sample.name == "plum_serving_batch_size_sum":
-                    totals["users"] = sample.value
-                elif sample.name == "plum_serving_batch_seconds_sum":
-                    totals[f"{sample.labels['stage']}_s"] = sample.value
+        samples = scrape(self.rest_url + METRICS_PATH, timeout=10)
+        totals["batches"] = samples.get(("plum_serving_batch_size_count", ()), 0.0)
+        totals["users"] = samples.get(("plum_serving_batch_size_sum", ()), 0.0)
+        for stage in ("features", "search"):
+            totals[f"{stage}_s"] = samples.get(("plum_serving_batch_seconds_sum", (("stage", stage),)), 0.0)
         return totals
 
     def __enter__(self) -> "BenchServer":
