@@ -156,6 +156,9 @@ class ContinuousTrainer:
         self._held_since: float | None = None  # when the oldest held-out event was read
         self.exports: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
+        # Wall-clock seconds by activity since this process started (status + metrics): what the
+        # evaluations at checkpoint boundaries cost against training.
+        self.seconds = {"training": 0.0, "evaluating": 0.0, "boundaries": 0.0}
         self.last_checkpoint: dict[str, Any] = {}
         self.loss = float("nan")
         self.tokens_per_s = 0.0
@@ -323,9 +326,13 @@ class ContinuousTrainer:
         if not (force_eval or len(held) >= self.cfg.min_eval_examples or waited >= self.cfg.checkpoint_every_s):
             # Too few held-out users to judge a model: keep holding them out, checkpoint only.
             self._save(self.loop.step_count)
+            self.seconds["boundaries"] += time.monotonic() - started
             self.write_status()
             return
+        evaluating = time.monotonic()
         report = self._evaluate(held)
+        report["evaluation_s"] = round(time.monotonic() - evaluating, 3)
+        self.seconds["evaluating"] += report["evaluation_s"]
         self.stream.release()
         self._held_since = None
         step = self.loop.step_count
@@ -355,6 +362,7 @@ class ContinuousTrainer:
         else:
             self.say(f"train continuous: checkpoint {step} (no held-out events to evaluate; nothing exported)")
         report["boundary_s"] = round(time.monotonic() - started, 3)
+        self.seconds["boundaries"] += report["boundary_s"]
         self.write_status()
 
     def _adopt_vocabulary_changes(self) -> str:
@@ -438,7 +446,8 @@ class ContinuousTrainer:
                 "fresh": {"taken": ledger.taken, "trained": ledger.trained,
                           "dropped_by_reward": ledger.dropped_by_reward, "without_sid": ledger.without_sid},
                 "watermark": self.stream.watermark(), "last_checkpoint": self.last_checkpoint,
-                "last_eval": self.last_eval, "exports": self.exports[-5:], "updated_at": _now()}
+                "last_eval": self.last_eval, "exports": self.exports[-5:],
+                "seconds": {key: round(value, 3) for key, value in self.seconds.items()}, "updated_at": _now()}
 
     def write_status(self) -> None:
         """The status file (written whole, then renamed) and the Prometheus gauges."""
@@ -466,7 +475,7 @@ class ContinuousTrainer:
         stop = stop or threading.Event()
         cfg = self.cfg
         last_poll = last_report = last_boundary = time.monotonic()
-        steps_at_boundary, steps_at_report, tokens = self.loop.step_count, self.loop.step_count, 0
+        steps_at_boundary, tokens = self.loop.step_count, 0
         self.poll()
         self.state = "training"
         while not stop.is_set() and (max_steps is None or self.loop.step_count < max_steps):
@@ -495,14 +504,16 @@ class ContinuousTrainer:
             self.state = "training"
             self.steps_since_fresh = 0 if fresh else self.steps_since_fresh + 1
             tokens += int(batch["mask"].sum())
+            stepping = time.monotonic()
             self.loss = self.loop.step(batch)["loss"]
+            self.seconds["training"] += time.monotonic() - stepping
             if time.monotonic() - last_report >= cfg.report_every_s:
                 elapsed = time.monotonic() - last_report
                 self.tokens_per_s = tokens / elapsed
                 self.say(f"train continuous: step {self.loop.step_count} loss {self.loss:.4f} "
                          f"{self.tokens_per_s:,.0f} tokens/s, fresh taken {self.stream.ledger.taken:,}, "
                          f"waiting {len(self.stream.released):,}, held out {len(self.stream.pending):,}")
-                last_report, steps_at_report, tokens = time.monotonic(), self.loop.step_count, 0
+                last_report, tokens = time.monotonic(), 0
                 self.write_status()
         self.state = "stopping"
         if self.loop.step_count != self.manager.latest_step() or self.stream.pending:

@@ -22,6 +22,9 @@ GAUGES = {
     "eval_ndcg_at_10": "NDCG@10 on the newest held-out slice.",
     "eval_invalid_sid_rate": "Invalid-SID rate of constrained decoding on the newest held-out slice.",
     "exported_version": "The newest servable version exported.",
+    "training_seconds": "Wall-clock seconds spent in optimizer steps since the process started.",
+    "evaluating_seconds": "Wall-clock seconds spent evaluating checkpoints on held-out slices since the process started.",
+    "boundary_seconds": "Wall-clock seconds spent at checkpoint boundaries (evaluation, save, export) since the process started.",
 }
 
 
@@ -49,6 +52,10 @@ class TrainerMetrics:
         values["eval_ndcg_at_10"] = model.get("ndcg@10")
         values["eval_invalid_sid_rate"] = model.get("invalid_sid_rate")
         values["exported_version"] = status["exports"][-1]["version"] if status["exports"] else None
+        seconds = status.get("seconds") or {}
+        values["training_seconds"] = seconds.get("training")
+        values["evaluating_seconds"] = seconds.get("evaluating")
+        values["boundary_seconds"] = seconds.get("boundaries")
         for name, value in values.items():
             if value is not None and value == value:  # skip unknown figures and NaN
                 self.gauges[name].set(float(value))

@@ -36,7 +36,9 @@ What is measured, for each probe (send time taken right after the producer accep
 throughput: the trainer's own tokens/s per report window (5 s of wall clock, so a window with a
     checkpoint boundary includes its save and evaluation: while load is offered, the evaluations the
     stream causes count against training, as they do in production): medians alone and while load
-    is offered (the pipeline ingesting beside it), their ratio, and how many windows held a boundary.
+    is offered (the pipeline ingesting beside it), their ratio, and how many windows held a boundary;
+    the trainer's cumulative seconds by activity (its status file) give the shares of the wall clock
+    spent in optimizer steps, in evaluations, and in whole checkpoint boundaries while load is offered.
 """
 
 from __future__ import annotations
@@ -166,7 +168,8 @@ class TrainerObserver(threading.Thread):
                 self.samples.append({"seen_at": now, "phase": self.phase, "state": status.get("state"),
                                      "step": status.get("step"), "tokens_per_s": status.get("tokens_per_s"),
                                      "checkpoint": (status.get("last_checkpoint") or {}).get("step"),
-                                     "offsets": (status.get("watermark") or {}).get("offsets", {})})
+                                     "offsets": (status.get("watermark") or {}).get("offsets", {}),
+                                     "seconds": status.get("seconds") or {}})
             known = {v["version"] for v in self.versions}
             for number in version_numbers(self.model_dir):
                 if number not in known:
@@ -205,6 +208,20 @@ def throughput(samples: list[dict[str, Any]], phase: str) -> dict[str, Any]:
     in_phase = [(s["tokens_per_s"], boundary) for s, boundary in reports if s["phase"] == phase]
     return {"tokens_per_s": round(statistics.median(v for v, _ in in_phase), 1) if in_phase else None,
             "windows": len(in_phase), "windows_with_a_boundary": sum(boundary for _, boundary in in_phase)}
+
+
+def time_shares(samples: list[dict[str, Any]], phase: str) -> dict[str, Any]:
+    """How the trainer spent the phase's wall clock (from its own cumulative seconds by activity):
+    optimizer steps, evaluations at checkpoint boundaries, and whole boundaries (evaluation, save, export)."""
+    in_phase = [s for s in samples if s["phase"] == phase and s["seconds"]]
+    if len(in_phase) < 2 or in_phase[-1]["seen_at"] <= in_phase[0]["seen_at"]:
+        return {"wall_s": None}
+    first, last = in_phase[0], in_phase[-1]
+    wall = last["seen_at"] - first["seen_at"]
+    spent = {key: last["seconds"].get(key, 0.0) - first["seconds"].get(key, 0.0)
+             for key in ("training", "evaluating", "boundaries")}
+    return {"wall_s": round(wall, 1), **{f"{key}_s": round(value, 1) for key, value in spent.items()},
+            **{f"{key}_share": round(value / wall, 3) for key, value in spent.items()}}
 
 
 def _events(cfg: PlumConfig, fresh: FreshnessRun) -> tuple[list[ItemUpsert], list[EngagementEvent],
@@ -395,6 +412,7 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
                      | {"seen_after_live_start_s": round(version["seen_at"] - live_start, 1)}
                      for version in observer.versions],
         "trainer_throughput": {"alone": alone, "beside_live_pipeline": beside, "ratio": ratio},
+        "trainer_time_while_load_offered": time_shares(observer.samples, "load"),
         "target": {"to_servable_version_s": f"<= {TARGET_VERSION_DELAY_S:.0f}",
                    "met": len(reached) == len(live.sent_at) > 0
                    and max(reached.values()) <= TARGET_VERSION_DELAY_S},
@@ -417,6 +435,13 @@ def _figures(delays: dict[str, Any]) -> str:
     return f"{delays['p50_s']} / {delays['p99_s']} / {delays['max_s']}"
 
 
+def _shares(time: dict[str, Any]) -> str:
+    if time.get("wall_s") is None:
+        return "not observed"
+    return " / ".join(f"{time[key + '_share']:.0%}" for key in ("training", "evaluating", "boundaries")) + \
+        f" of {time['wall_s']:.0f} s"
+
+
 def readme_table(report: dict[str, Any]) -> str:
     a, b, tt = report["to_online_feature"], report["to_servable_version"], report["to_taken_for_training"]
     t, live = report["trainer_throughput"], report["live"]
@@ -436,6 +461,8 @@ def readme_table(report: dict[str, Any]) -> str:
         f"{report['checkpoints_while_load_offered']} |\n"
         f"| trainer tokens/s alone / beside the live pipeline (ratio) | {t['alone']['tokens_per_s']} / "
         f"{t['beside_live_pipeline']['tokens_per_s']} ({t['ratio']}) |\n"
+        f"| trainer's wall clock while load was offered: optimizer steps / evaluations / whole boundaries | "
+        f"{_shares(report['trainer_time_while_load_offered'])} |\n"
         f"| target: (b) at most {TARGET_VERSION_DELAY_S:.0f} s for every probe | "
         f"{'met' if report['target']['met'] else 'NOT met'} |\n"
         f"\nMeasured {report['machine']['measured_at']} on {report['machine']['cpus']} CPUs (commit "

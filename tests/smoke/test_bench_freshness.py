@@ -33,4 +33,8 @@ def test_bench_freshness_measures_feature_and_version_delays(tmp_path):
     assert report["versions"] and report["versions"][-1]["watermark_events"] > 5000
     throughput = report["trainer_throughput"]
     assert set(throughput) == {"alone", "beside_live_pipeline", "ratio"}
+    time = report["trainer_time_while_load_offered"]  # the trainer's own seconds by activity
+    assert time["wall_s"] > 0 and time["evaluating_s"] > 0  # 5 s checkpoints: several evaluations
+    assert 0 < time["evaluating_share"] <= time["boundaries_share"] and time["training_share"] > 0
+    assert time["training_share"] + time["boundaries_share"] <= 1.05
     assert isinstance(report["target"]["met"], bool)

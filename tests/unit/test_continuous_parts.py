@@ -75,7 +75,7 @@ def test_metrics_follow_the_status():
               "held_out": 2, "events_read": 40, "catalogue_items": 64, "last_checkpoint": {"step": 8},
               "watermark": {"event_time": "2026-01-01T00:00:00+00:00"},
               "last_eval": {"model": {"recall@10": 0.25, "ndcg@10": 0.1, "invalid_sid_rate": 0.0}},
-              "exports": [{"version": 3}]}
+              "exports": [{"version": 3}], "seconds": {"training": 50.5, "evaluating": 7.25, "boundaries": 9.0}}
     metrics.update(status)
     text = generate_latest(metrics.registry).decode()
     assert "plum_trainer_step 12.0" in text and "plum_trainer_exported_version 3.0" in text
@@ -83,3 +83,5 @@ def test_metrics_follow_the_status():
     assert "plum_trainer_loss 0.0" in text  # NaN (no step yet) leaves the gauge unset
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert np.isclose(float(samples["plum_trainer_watermark_timestamp_seconds"]), 1767225600.0)
+    assert float(samples["plum_trainer_evaluating_seconds"]) == 7.25
+    assert float(samples["plum_trainer_training_seconds"]) == 50.5
