@@ -53,6 +53,32 @@ def _quiet_known_noise(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("apitools not found")
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def quiet_library_deprecations() -> None:
+    """Feast switches DeprecationWarnings on for every module when it is imported (a "once" filter
+    ahead of Python's defaults), so libraries' deprecation notices (kafka-python's use of
+    importlib.resources, for one) would head a command's output. They are addressed to those
+    libraries' authors: dropped, unless they come from this project's own code or the user asked
+    for warnings (-W or PYTHONWARNINGS)."""
+    import warnings
+
+    if sys.warnoptions or getattr(warnings.showwarning, "plum_quiet", False):
+        return
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        path = Path(filename).resolve() if filename else None
+        ours = path is not None and path.is_relative_to(PROJECT_ROOT) and "site-packages" not in path.parts
+        if issubclass(category, (DeprecationWarning, PendingDeprecationWarning)) and not ours:
+            return
+        show(message, category, filename, lineno, file, line)
+
+    showwarning.plum_quiet = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
+
+
 def _config(ctx: click.Context) -> PlumConfig:
     return ctx.obj["config"]
 
@@ -454,13 +480,7 @@ def demo(ctx: click.Context, **options: Any) -> None:
     \b
     plum demo --limit 3000 --model-size tiny --sid-steps 30 --cpt-steps 5 --sft-steps 10
     """
-    import warnings
-
-    # Feast switches DeprecationWarnings on for everyone at import ("once"); kafka-python, imported after
-    # it here, would then print its own at the top of the run. Import-time warnings are kept (not
-    # printed) and the filters restored afterwards.
-    with warnings.catch_warnings(record=True):
-        from ops.demo import DemoRun, run
+    from ops.demo import DemoRun, run
 
     run(_config(ctx), DemoRun(**options))
 
@@ -630,6 +650,7 @@ def bench_serve(ctx: click.Context, output: str | None, concurrency: tuple[int, 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_library_deprecations()
     cli.main(args=argv, prog_name="plum")
 
 

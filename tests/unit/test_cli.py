@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -35,3 +37,21 @@ def test_pipeline_without_a_running_stack_says_what_to_do(tmp_path):
     result = CliRunner().invoke(cli, ["--state-dir", str(tmp_path), "pipeline", "--until-caught-up"])
     assert result.exit_code == 4
     assert "run `plum stack up`" in result.output
+
+
+def test_library_deprecation_notices_are_dropped_but_the_projects_own_warnings_are_shown():
+    import warnings
+
+    from ops.cli import PROJECT_ROOT, quiet_library_deprecations
+
+    library = str(Path(warnings.__file__))  # outside the project, like kafka-python or importlib
+    ours = str(PROJECT_ROOT / "ingest" / "pipeline.py")
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # what Feast's import does for DeprecationWarning ("once")
+        warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
+        quiet_library_deprecations()
+        warnings.warn_explicit("read_text is deprecated", DeprecationWarning, library, 1)
+        warnings.warn_explicit("a library's runtime problem", RuntimeWarning, library, 2)
+        warnings.warn_explicit("our own deprecation", DeprecationWarning, ours, 3)
+    assert shown == ["a library's runtime problem", "our own deprecation"]
