@@ -13,6 +13,7 @@ the pipeline's state store over the training part of the split only, so no test 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ import numpy as np
 
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import machine, update_readme_table, write_result
+from ops.bench.report import RESULTS_DIR, machine, update_readme_table, write_result
 from ops.config import PlumConfig
+from ops.datasets import known_datasets
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.text_encoder import TextEncoder
 from trainer.retrieval import RetrievalSettings, make_catalogue, text_vocabulary
@@ -118,7 +120,14 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                + "".join(f" --variant {v}" for v in quality.variants)
                + f" --sft-steps {quality.sft_steps} --cpt-steps {quality.cpt_steps} --model-size {quality.model_size}"
                f" --keep-layers {quality.keep_layers}")
-    report = {"benchmark": "quality", "command": command, "machine": machine(),
+    measured = machine()
+    for result in results.values():  # each data set's rows say which run produced them
+        result.update(command=command, machine=measured, run=dataclasses.asdict(quality))
+    if output is None:
+        merged = {**_earlier_datasets(RESULTS_DIR / "quality.json", set(results)), **results}
+        order = list(known_datasets())  # the README table's order
+        results = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    report = {"benchmark": "quality", "command": command, "machine": measured,
               "run": dataclasses.asdict(quality), "datasets": results,
               "protocol": "leave-one-out, full catalogue, earlier items excluded, histories capped at 20",
               "anchors_beauty": {"TIGER": {"recall@10": 0.0648, "ndcg@10": 0.0384},
@@ -130,6 +139,21 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
     return report
 
 
+def _earlier_datasets(path: Path, rerun: set[str]) -> dict[str, Any]:
+    """The default result file keeps the data sets this run did not train (one data set's rows take
+    most of a session here), each with the command, machine and commit that produced it."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    kept = {}
+    for name, result in earlier.get("datasets", {}).items():
+        if name not in rerun:
+            kept[name] = {"command": earlier.get("command"), "machine": earlier.get("machine"),
+                          "run": earlier.get("run"), **result}
+    return kept
+
+
 def readme_table(report: dict[str, Any]) -> str:
     lines = ["| data set | model | Recall@5 | Recall@10 | NDCG@5 | NDCG@10 | effective vocabulary | training (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -138,6 +162,10 @@ def readme_table(report: dict[str, Any]) -> str:
             m = row["metrics"]
             lines.append(f"| {name} | {row['row']} | {m['recall@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@5']:.4f} | "
                          f"{m['ndcg@10']:.4f} | {m.get('effective_vocabulary', '')} | {row['train_seconds']:.0f} |")
-    lines.append(f"\nMeasured {report['machine']['measured_at']} (commit {report['machine']['commit']}) with "
-                 f"`{report['command']}`; settings per row in ops/bench/results/quality.json.")
+    lines.append("")
+    for name, result in report["datasets"].items():
+        run = result.get("machine") or report["machine"]
+        lines.append(f"{name}: measured {run['measured_at']} (commit {run['commit']}) with "
+                     f"`{result.get('command') or report['command']}`.")
+    lines.append("Settings per row in ops/bench/results/quality.json.")
     return "\n".join(lines) + "\n"

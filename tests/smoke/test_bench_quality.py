@@ -24,3 +24,23 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     for row in rows:
         assert 0.0 <= row["metrics"]["recall@10"] <= 1.0 and row["metrics"]["effective_vocabulary"] >= 1
     assert rows[1]["metrics"]["users"] == 943  # every test user, as the protocol says
+    assert report["datasets"]["movielens-100k"]["command"] == report["command"]  # each data set's provenance
+
+
+def test_the_default_result_keeps_the_data_sets_a_run_did_not_train(tmp_path):
+    from ops.bench.quality import _earlier_datasets, readme_table
+
+    earlier = tmp_path / "quality.json"
+    row = {"row": "SASRec", "metrics": {"recall@5": .1, "recall@10": .2, "ndcg@5": .05, "ndcg@10": .08}, "train_seconds": 9}
+    old_run = {"measured_at": "2026-01-01T00:00:00+00:00", "commit": "aaa"}
+    earlier.write_text(json.dumps({"command": "plum bench quality --dataset a --dataset b", "machine": old_run,
+                                   "datasets": {"a": {"rows": [row]}, "b": {"rows": [row]}}}))
+    kept = _earlier_datasets(earlier, {"a"})
+    assert list(kept) == ["b"] and kept["b"]["command"] == "plum bench quality --dataset a --dataset b"
+    new_run = {"measured_at": "2026-02-01T00:00:00+00:00", "commit": "bbb"}
+    report = {"command": "plum bench quality --dataset a", "machine": new_run,
+              "datasets": {"a": {"rows": [row], "command": "plum bench quality --dataset a", "machine": new_run}, **kept}}
+    table = readme_table(report)
+    assert "a: measured 2026-02-01T00:00:00+00:00 (commit bbb) with `plum bench quality --dataset a`" in table
+    assert "b: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `plum bench quality --dataset a --dataset b`" in table
+    assert _earlier_datasets(tmp_path / "missing.json", {"a"}) == {}
