@@ -86,6 +86,7 @@ class PromoteSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     margin: float = Field(0.01, ge=0.0)  # how far Recall@10 / NDCG@10 may trail the labelled version
+    confidence: float = Field(0.95, ge=0.5, lt=1.0)  # ...established at this one-sided confidence to refuse
     min_eval_examples: int = Field(20, ge=1)  # users needed for a fresh side-by-side evaluation
     eval_examples: int = Field(200, ge=1)  # at most this many users (the newest) are evaluated
     beam_width: int = Field(20, ge=1)

@@ -163,18 +163,23 @@ def gate_staleness(manifest: dict[str, Any], version: int, newest_event: datetim
                 f"{settings.max_staleness_hours:g} h)", {"hours_behind": round(behind, 3)})
 
 
-def _compare(candidate: dict[str, float], current: dict[str, float], current_version: int, margin: float,
+def _compare(candidate: dict[str, Any], current: dict[str, Any], current_version: int, settings: PromoteSettings,
              how: str) -> Gate:
-    figures = {"candidate": {k: candidate[k] for k in ("recall@10", "ndcg@10")},
-               "current": {k: current[k] for k in ("recall@10", "ndcg@10")}, "how": how,
-               "examples": candidate.get("examples")}
-    for metric in ("recall@10", "ndcg@10"):
-        if candidate[metric] < current[metric] - margin:
-            return Gate("quality", False, f"{metric} {candidate[metric]:.4f} trails version {current_version}'s "
-                        f"{current[metric]:.4f} by more than the margin {margin:g} ({how})", figures)
+    from trainer.evaluate import GATE_METRICS, quality_gate
+
+    margin = settings.margin
+    failing, compared = quality_gate(candidate, current, margin, settings.confidence)
+    figures = {"candidate": {k: candidate[k] for k in GATE_METRICS}, "current": {k: current[k] for k in GATE_METRICS},
+               "how": how, "examples": candidate.get("examples"), "confidence": settings.confidence,
+               "differences": {d.metric: {"mean": round(d.difference, 4), "upper": round(d.upper, 4),
+                                          "paired": d.paired} for d in compared}}
+    if failing is not None:
+        metric = failing.metric
+        return Gate("quality", False, f"{metric} {candidate[metric]:.4f} trails version {current_version}'s "
+                    f"{current[metric]:.4f} by more than the margin {margin:g} ({failing.describe()}; {how})", figures)
     return Gate("quality", True, f"recall@10 {candidate['recall@10']:.4f} vs version {current_version}'s "
-                f"{current['recall@10']:.4f}, ndcg@10 {candidate['ndcg@10']:.4f} vs {current['ndcg@10']:.4f} "
-                f"(margin {margin:g}; {how})", figures)
+                f"{current['recall@10']:.4f}, ndcg@10 {candidate['ndcg@10']:.4f} vs {current['ndcg@10']:.4f}: "
+                f"not worse by more than the margin {margin:g} ({compared[0].describe()}; {how})", figures)
 
 
 def gate_quality(model_dir: Path, events: list[Any], version: int, manifest: dict[str, Any], current: int,
@@ -194,11 +199,11 @@ def gate_quality(model_dir: Path, events: list[Any], version: int, manifest: dic
             layout = VocabLayout.from_json(loaded["vocabulary"])
             results[number] = evaluate_held_out(model, layout, ItemCatalogue.build(layout, item_ids, sids), held,
                                                 _max_history(loaded), settings.beam_width)
-        return _compare(results[version], results[current], current, settings.margin,
+        return _compare(results[version], results[current], current, settings,
                         f"both evaluated now on {len(held)} users' newest untrained events")
     recorded = manifest.get("eval") or {}
     if recorded.get("served_version") == current and recorded.get("served"):
-        return _compare(recorded, recorded["served"], current, settings.margin,
+        return _compare(recorded, recorded["served"], current, settings,
                         f"the trainer's side-by-side evaluation at export on {recorded.get('examples')} users; only "
                         f"{len(held)} newer events now")
     return Gate("quality", False, f"no evaluation of version {version} against version {current} on the same "

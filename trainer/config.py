@@ -23,6 +23,9 @@ class ContinuousSettings(BaseModel):
     min_eval_examples: int = Field(50, ge=1)  # fewer held-out events than this: no comparison, no export
     beam_width: int = Field(20, ge=1)
     export_margin: float = Field(0.01, ge=0.0)  # Recall@10 / NDCG@10 may trail the served version by this much
+    # ...unless it is established at this one-sided confidence over the same held-out users that the
+    # candidate trails by more (0.5: compare the point estimates, however few the users).
+    export_confidence: float = Field(0.95, ge=0.5, lt=1.0)
     report_every_s: float = Field(10.0, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus metrics over HTTP; 0 = off
     migrate_sid_versions: bool = True  # adopt a refitted SID version at the next checkpoint boundary

@@ -43,7 +43,7 @@ from tokenizer.sid_table import load_table, versions
 from trainer.checkpoint import CheckpointError, decoder_config_from_json, decoder_config_json, load_model
 from trainer.config import TrainerSettings
 from trainer.data import history_tokens, pack_batch, target_weights
-from trainer.evaluate import EvalSet
+from trainer.evaluate import EvalSet, quality_gate, target_ranks
 from trainer.metrics import TrainerMetrics
 from trainer.model import Decoder
 from trainer.retrieval import Recommender, RetrievalSettings, evaluate
@@ -116,27 +116,33 @@ def evaluate_held_out(model: Decoder, layout: VocabLayout, items: ItemCatalogue,
     targets = np.array([items.index.get(t, unknown) for t in held.targets], np.int32)
     eval_set = EvalSet(np.arange(len(held)), tuple(histories), targets, tuple(seen))
     recommender = Recommender(model, layout, items.catalogue, max_history)
-    metrics, _ = evaluate(recommender, eval_set, rewards, beam_width, min(batch, max(len(held), 1)),
-                          contexts=held.contexts)
+    metrics, ranked = evaluate(recommender, eval_set, rewards, beam_width, min(batch, max(len(held), 1)),
+                               contexts=held.contexts)
     metrics["examples"] = len(held)
+    # Per-user target ranks (held-out order, -1: not in the top 10): gates compare two models user by user.
+    metrics["target_ranks"] = target_ranks(ranked, targets).tolist()
     return metrics
 
 
-def export_gate(candidate: dict[str, float], served: dict[str, float] | None, served_number: int | None,
-                min_examples: int, margin: float) -> tuple[bool, str]:
-    """Whether a checkpoint may become a servable version, and why (a pure function of the figures)."""
+def export_gate(candidate: dict[str, Any], served: dict[str, Any] | None, served_number: int | None,
+                min_examples: int, margin: float, confidence: float = 0.95) -> tuple[bool, str]:
+    """Whether a checkpoint may become a servable version, and why (a pure function of the figures).
+    Against the served version it is refused only when it trails on Recall@10 or NDCG@10 by more than
+    `margin` at `confidence` over the same held-out users (trainer.evaluate.quality_gate)."""
     if candidate.get("examples", 0) < min_examples:
         return False, f"only {candidate.get('examples', 0)} held-out events (< min_eval_examples {min_examples})"
     if candidate["invalid_sid_rate"] > 0:
         return False, f"invalid-SID rate {candidate['invalid_sid_rate']:.4f} (must be 0)"
-    if served is not None:
-        for metric in ("recall@10", "ndcg@10"):
-            if candidate[metric] < served[metric] - margin:
-                return False, (f"{metric} {candidate[metric]:.4f} trails served version {served_number}'s "
-                               f"{served[metric]:.4f} on the same events by more than the margin {margin}")
-        return True, (f"recall@10 {candidate['recall@10']:.4f} vs served version {served_number}'s "
-                      f"{served['recall@10']:.4f} (margin {margin})")
-    return True, "no served version yet"
+    if served is None:
+        return True, "no served version yet"
+    failing, compared = quality_gate(candidate, served, margin, confidence)
+    if failing is not None:
+        metric = failing.metric
+        return False, (f"{metric} {candidate[metric]:.4f} trails served version {served_number}'s "
+                       f"{served[metric]:.4f} by more than the margin {margin:g} ({failing.describe()})")
+    recall = compared[0]
+    return True, (f"recall@10 {candidate['recall@10']:.4f} vs served version {served_number}'s "
+                  f"{served['recall@10']:.4f}: not worse by more than the margin {margin:g} ({recall.describe()})")
 
 
 class ContinuousTrainer:
@@ -343,7 +349,8 @@ class ContinuousTrainer:
         self._save(step)
         if "model" in report:
             passed, reason = export_gate(report["model"], report.get("served"), report.get("served_version"),
-                                         self.cfg.min_eval_examples, self.cfg.export_margin)
+                                         self.cfg.min_eval_examples, self.cfg.export_margin,
+                                         self.cfg.export_confidence)
             figures = report["model"]
             self.say(f"train continuous: checkpoint {step}: held-out {len(held)} events recall@10 "
                      f"{figures['recall@10']:.4f} ndcg@10 {figures['ndcg@10']:.4f} invalid-SID rate "

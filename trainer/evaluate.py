@@ -240,3 +240,73 @@ def effective_vocabulary(ranked: np.ndarray, coverage: float = 0.95) -> int:
     # Rounding guards against 0.95 * 100 landing a hair above 95.
     needed = math.ceil(round(coverage * slots.size, 9))
     return int(np.searchsorted(np.cumsum(counts), needed) + 1)
+
+
+def target_ranks(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each user's 0-based rank of the target in `ranked` [n_users, K], -1 when it is not there."""
+    hits = np.asarray(ranked) == np.asarray(targets)[:, None]
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
+
+
+def user_values(ranks: Sequence[int], metric: str) -> np.ndarray:
+    """Per-user Recall@K ("recall@10") or NDCG@K ("ndcg@10") from target ranks (-1: not ranked)."""
+    name, _, k = metric.partition("@")
+    if name not in ("recall", "ndcg") or not k.isdigit():
+        raise ValueError(f"unknown metric {metric!r}; use recall@K or ndcg@K")
+    rank = np.asarray(ranks)
+    hit = (rank >= 0) & (rank < int(k))
+    return hit.astype(float) if name == "recall" else np.where(hit, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Candidate minus reference on one metric over the same users: the mean per-user difference
+    and the upper end of its one-sided confidence interval (normal approximation of the mean of the
+    paired differences). `upper < -margin` says the candidate is worse by more than the margin at
+    that confidence; a point estimate below -margin on a few users does not."""
+
+    metric: str
+    difference: float
+    upper: float
+    users: int
+    confidence: float
+    paired: bool  # False: no per-user ranks to pair, the point estimates were compared
+
+    def trails(self, margin: float) -> bool:
+        return self.upper < -margin
+
+    def describe(self) -> str:
+        if not self.paired:
+            return f"difference {self.difference:+.4f} (point estimates: no per-user ranks recorded)"
+        return (f"difference {self.difference:+.4f} on the same {self.users} users, at {self.confidence:.0%} "
+                f"confidence at most {self.upper:+.4f}")
+
+
+def paired_difference(candidate: dict, reference: dict, metric: str, confidence: float) -> PairedDifference:
+    """Compare two evaluations of the same events (each with its metric and, when recorded, the
+    per-user "target_ranks" in the same user order)."""
+    from statistics import NormalDist
+
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    mine, theirs = candidate.get("target_ranks"), reference.get("target_ranks")
+    if mine is None or theirs is None or len(mine) != len(theirs) or len(mine) < 2:
+        difference = float(candidate[metric] - reference[metric])
+        return PairedDifference(metric, difference, difference, int(candidate.get("examples", 0) or 0),
+                                confidence, paired=False)
+    diffs = user_values(mine, metric) - user_values(theirs, metric)
+    standard_error = float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
+    mean = float(diffs.mean())
+    return PairedDifference(metric, mean, mean + NormalDist().inv_cdf(confidence) * standard_error, len(diffs),
+                            confidence, paired=True)
+
+
+GATE_METRICS = ("recall@10", "ndcg@10")
+
+
+def quality_gate(candidate: dict, reference: dict, margin: float, confidence: float
+                 ) -> tuple[PairedDifference | None, list[PairedDifference]]:
+    """The quality gate shared by export and promotion: the first gate metric on which the candidate
+    trails the reference by more than `margin` at `confidence` (None: it passes), and every comparison."""
+    compared = [paired_difference(candidate, reference, metric, confidence) for metric in GATE_METRICS]
+    return next((d for d in compared if d.trails(margin)), None), compared

@@ -69,6 +69,43 @@ def test_the_export_gate_names_the_failing_condition():
     assert not ok and reason.startswith("ndcg@10")
 
 
+def _evaluation(ranks: list[int]) -> dict:
+    ranks_array = np.array(ranks)
+    hit = (ranks_array >= 0) & (ranks_array < 10)
+    return {"examples": len(ranks), "invalid_sid_rate": 0.0, "recall@10": float(hit.mean()),
+            "ndcg@10": float(np.where(hit, 1 / np.log2(np.maximum(ranks_array, 0) + 2), 0).mean()),
+            "target_ranks": ranks}
+
+
+def test_the_gate_refuses_only_what_the_same_users_show_to_be_worse_beyond_the_margin():
+    # 20 users: the served version ranks 4 targets, the candidate 2 of them: recall 0.10 vs 0.20.
+    served = _evaluation([0, 3, 5, 7] + [-1] * 16)
+    candidate = _evaluation([0, 3] + [-1] * 18)
+    ok, reason = export_gate(candidate, served, 8, 20, 0.01)  # 2 users apart: not established at 95%
+    assert ok and "not worse by more than the margin 0.01" in reason and "same 20 users" in reason
+    ok, reason = export_gate(candidate, served, 8, 20, 0.01, confidence=0.5)  # the point estimates
+    assert not ok and reason.startswith("recall@10 0.1000 trails served version 8's 0.2000")
+    # The same shortfall on 200 users (20 targets lost of 40) is established.
+    served = _evaluation([1] * 40 + [-1] * 160)
+    candidate = _evaluation([1] * 20 + [-1] * 180)
+    ok, reason = export_gate(candidate, served, 8, 20, 0.01)
+    assert not ok and "trails served version 8's 0.2000" in reason and "at 95% confidence at most -0.06" in reason
+
+
+def test_paired_differences_by_hand():
+    from trainer.evaluate import paired_difference, target_ranks, user_values
+
+    ranked = np.array([[4, 7, 1], [2, 3, 9], [5, 6, 8]])
+    assert target_ranks(ranked, np.array([7, 9, 0])).tolist() == [1, 2, -1]
+    assert np.allclose(user_values([0, 1, -1, 10], "ndcg@10"), [1.0, 1 / np.log2(3), 0.0, 0.0])
+    assert user_values([0, 9, 10, -1], "recall@10").tolist() == [1.0, 1.0, 0.0, 0.0]
+    d = paired_difference({"target_ranks": [0, -1, 2, -1]}, {"target_ranks": [-1, -1, 2, 0]}, "recall@10", 0.95)
+    # per-user differences +1, 0, 0, -1: mean 0, sample sd sqrt(2/3), upper 1.645 * sqrt(2/3) / 2
+    assert d.paired and d.difference == 0.0 and np.isclose(d.upper, 1.6448536 * np.sqrt(2 / 3) / 2)
+    unpaired = paired_difference({"recall@10": 0.2}, {"recall@10": 0.3}, "recall@10", 0.95)
+    assert not unpaired.paired and np.isclose(unpaired.upper, -0.1)
+
+
 def test_metrics_follow_the_status():
     metrics = TrainerMetrics()
     status = {"step": 12, "loss": float("nan"), "tokens_per_s": 100.0, "fresh": {"taken": 5}, "waiting": 3,
