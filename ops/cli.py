@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ops.config import PlumConfig, load_config
+from ops.config import PROJECT_ROOT, PlumConfig, load_config
 from ops.errors import PlumError
 
 # Exceptions that components raise for a user's (or an environment's) problem, not a bug, by
@@ -51,9 +51,6 @@ class PlumGroup(click.Group):
 def _quiet_known_noise(record: logging.LogRecord) -> bool:
     # Beam warns at import that Google Cloud client libraries are absent; nothing here uses them.
     return not record.getMessage().startswith("apitools not found")
-
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def quiet_library_deprecations() -> None:

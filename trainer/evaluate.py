@@ -171,15 +171,9 @@ def rank_metrics(ranked: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (5
         raise ValueError("targets must be item indices >= 0")
     if not ks or any(k < 1 or k > ranked.shape[1] for k in ks):
         raise ValueError(f"every K must be between 1 and the ranked list length {ranked.shape[1]}, got {tuple(ks)}")
-    hits = ranked == targets[:, None]
-    # One relevant item: its 0-based rank, or K_max when it is not in the list.
-    rank = np.where(hits.any(axis=1), hits.argmax(axis=1), ranked.shape[1])
-    metrics: dict[str, float] = {}
-    for k in ks:
-        hit = rank < k
-        metrics[f"recall@{k}"] = float(hit.mean())
-        metrics[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean())
-    return metrics
+    # One relevant item: its 0-based rank, or -1 when it is not in the list.
+    ranks = target_ranks(ranked, targets)
+    return {f"{name}@{k}": float(user_values(ranks, f"{name}@{k}").mean()) for k in ks for name in ("recall", "ndcg")}
 
 
 def top_k_excluding(

@@ -42,7 +42,8 @@ def test_pipeline_without_a_running_stack_says_what_to_do(tmp_path):
 def test_library_deprecation_notices_are_dropped_but_the_projects_own_warnings_are_shown():
     import warnings
 
-    from ops.cli import PROJECT_ROOT, quiet_library_deprecations
+    from ops.cli import quiet_library_deprecations
+    from ops.config import PROJECT_ROOT
 
     library = str(Path(warnings.__file__))  # outside the project, like kafka-python or importlib
     ours = str(PROJECT_ROOT / "ingest" / "pipeline.py")
