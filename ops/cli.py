@@ -577,6 +577,18 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @click.option("--keep-layers", type=click.IntRange(min=1, max=30), default=2, show_default=True,
               help="SmolLM2 layers kept for CR2 (all 30 do not train on a CPU in reasonable time).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate of CPT and SFT (warm-up, then cosine decay over the step budget).")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.2, show_default=True,
+              help="Residual dropout of the PLUM rows' training steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="AdamW weight decay of the PLUM rows.")
+@click.option("--validate-every", type=click.IntRange(min=0), default=250, show_default=True,
+              help="Check SFT on the validation targets every this many steps, stop after --patience checks "
+                   "without a better Recall@10 and keep the best (SASRec selects the same way); 0: off.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--validation-users", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,
               help="SASRec's epoch budget (early stopping on validation Recall@10).")
 @click.option("--sid-steps", type=click.IntRange(min=1), default=None, help="RQ-VAE steps (default from config).")
@@ -584,14 +596,16 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
               help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
 @click.pass_context
 def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple[str, ...], sft_steps: int,
-                  cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, sasrec_epochs: int,
-                  sid_steps: int | None, output: str | None) -> None:
+                  cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, learning_rate: float,
+                  dropout: float, weight_decay: float, validate_every: int, patience: int, validation_users: int,
+                  sasrec_epochs: int, sid_steps: int | None, output: str | None) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
     CR2) trained on the same split in the same run, with each model's effective vocabulary."""
     from ops.bench.quality import QualityRun, run
 
     run(_config(ctx), QualityRun(datasets, variants, sft_steps, cpt_steps, model_size, keep_layers, batch_size,
-                                 sasrec_epochs, sid_steps), output)
+                                 sasrec_epochs, sid_steps, learning_rate, dropout, weight_decay, validate_every,
+                                 patience, validation_users), output)
 
 
 @bench.command("train")

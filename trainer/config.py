@@ -52,6 +52,8 @@ class TrainerSettings(BaseModel):
     batch_size: int = Field(64, ge=2)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # residual dropout of `plum train cpt` / `sft` steps
+    weight_decay: float = Field(0.01, ge=0.0)
     max_history: int = Field(20, ge=1)
     seed: int = 0
     continuous: ContinuousSettings = Field(default_factory=ContinuousSettings)

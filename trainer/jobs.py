@@ -88,7 +88,8 @@ def _retrieval_settings(settings: TrainerSettings, cpt_steps: int, sft_steps: in
     return RetrievalSettings(model_size=settings.model_size, init=settings.init, keep_layers=settings.keep_layers,
                              cpt_steps=cpt_steps, sft_steps=sft_steps, batch_size=settings.batch_size,
                              learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-                             max_history=settings.max_history, seed=settings.seed)
+                             max_history=settings.max_history, seed=settings.seed, dropout=settings.dropout,
+                             weight_decay=settings.weight_decay)
 
 
 def holdout_last(corpus: Corpus, max_history: int) -> tuple[RewardedSequences, EvalSet, list[np.ndarray]]:

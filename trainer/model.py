@@ -9,6 +9,10 @@ D model width, H query heads, K key/value heads, Dh head width, F feed-forward w
 
 Initialisation: embeddings and every linear kernel draw from normal(0, 0.02) (GPT-2 and Llama's
 initializer_range), RMSNorm weights start at 1. A warm start (trainer/warm_start.py) overwrites it.
+
+Dropout is a property of a training step, not of the model: `Decoder.__call__` takes an optional
+`Dropout` (rate and key) and drops units of the embeddings and of each attention and feed-forward
+output before its residual add (GPT-2's residual dropout). Decoding never drops.
 """
 
 from __future__ import annotations
@@ -83,6 +87,21 @@ class DecoderConfig:
     def replace(self, **changes: Any) -> DecoderConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Residual dropout for one training forward pass: `rate` of units zeroed, the rest scaled by
+    1 / (1 - rate); `key` draws the masks (split per use, so every layer draws its own)."""
+
+    rate: float
+    key: jax.Array
+
+    def __call__(self, x: jax.Array, use: int) -> jax.Array:
+        if self.rate <= 0.0:
+            return x
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, use), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 # vocab_size is a placeholder: the trainer sets the real vocabulary with cfg.replace(vocab_size=n).
@@ -308,20 +327,21 @@ class DecoderBlock(nnx.Module):
         mask: jax.Array,
         past: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         beams: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+        dropout: Dropout | None = None,
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
         """-> (x [B, T, D], MoE load-balancing loss [] (0 when dense), keys and values attended).
 
         past, beams: as in Attention, this layer's cached (k, v, start) when extending a KVCache,
-        or its slices of a BeamCache.
+        or its slices of a BeamCache. dropout: drops units of both residual branches (training).
         """
         attended, kv = self.attn(self.attn_norm(x), positions, allowed, past, beams)
-        x = x + attended
+        x = x + (attended if dropout is None else dropout(attended, 0))
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEFeedForward):
             y, aux = self.ffn(h, mask)
         else:
             y, aux = self.ffn(h), jnp.zeros((), jnp.float32)
-        return x + y, aux, kv
+        return x + (y if dropout is None else dropout(y, 1)), aux, kv
 
 
 class Decoder(nnx.Module):
@@ -337,11 +357,13 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
 
-    def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, mask: jax.Array, dropout: Dropout | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """tokens int32 [B, T], mask bool [B, T] (True = real; left or right padding) ->
         (logits float32 [B, T, V], aux_loss float32 [] = moe_aux_weight * summed MoE loss).
 
         RoPE positions count real tokens only; attention is causal and skips padded keys.
+        `dropout` (training only): residual dropout of the embeddings and every block's branches.
         """
         t = self._check(tokens, mask)
         if t > self.cfg.max_len:
@@ -351,9 +373,12 @@ class Decoder(nnx.Module):
         slots = jnp.arange(t)
         allowed = (slots[None, :, None] >= slots[None, None, :]) & mask[:, None, :]
         x = self.embed(tokens)
+        if dropout is not None:
+            x = dropout(x, 0)
         aux = jnp.zeros((), jnp.float32)
-        for layer in self.layers:
-            x, layer_aux, _ = layer(x, positions, allowed, mask)
+        for i, layer in enumerate(self.layers):
+            layer_dropout = None if dropout is None else Dropout(dropout.rate, jax.random.fold_in(dropout.key, i + 1))
+            x, layer_aux, _ = layer(x, positions, allowed, mask, dropout=layer_dropout)
             aux = aux + layer_aux
         return self._logits(x), aux * self.cfg.moe_aux_weight
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +44,25 @@ class RetrievalSettings:
     beam_width: int = 20
     eval_batch: int = 128
     seed: int = 0
+    dropout: float = 0.0  # residual dropout of CPT and SFT steps
+    weight_decay: float = 0.01  # AdamW's decoupled decay
+    # Model selection on the validation targets (when the caller gives them): every validate_every
+    # SFT steps Recall@10 of up to validation_users users is measured; SFT stops after `patience`
+    # checks without a new best and the best checkpoint is kept. 0: no checks, the last step wins.
+    validate_every: int = 0
+    validation_users: int = 1000
+    patience: int = 3
 
     def __post_init__(self) -> None:
         if self.init not in ("random", "smollm2"):
             raise ValueError(f"init must be 'random' or 'smollm2', got {self.init!r}")
         if self.init == "random" and self.model_size not in DECODER_SIZES:
             raise ValueError(f"unknown model size {self.model_size!r}; known: {', '.join(DECODER_SIZES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.validate_every < 0 or self.validation_users < 1 or self.patience < 1:
+            raise ValueError("weight_decay and validate_every must not be negative, validation_users and patience "
+                             "must be at least 1")
 
     def buckets(self, layout: VocabLayout) -> tuple[int, ...]:
         """Padded lengths: the longest retrieval example, and shorter powers of two for CPT documents."""
@@ -102,9 +115,22 @@ def init_model(settings: RetrievalSettings, layout: VocabLayout, gguf_path: Path
     return nnx.merge(graphdef, state)
 
 
+@dataclass(frozen=True, eq=False)
+class Validation:
+    """Held-out validation targets for model selection during SFT, with their histories' rewards."""
+
+    eval_set: EvalSet
+    rewards: Sequence[Sequence[float]]
+
+
 def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayout, catalogue: Catalogue,
-                 sequences: RewardedSequences, say: Say = print) -> tuple[Decoder, dict[str, list[dict[str, float]]]]:
-    """CPT (when cpt_steps > 0) then SFT, each with its own optimizer; returns the model and histories."""
+                 sequences: RewardedSequences, say: Say = print, validation: Validation | None = None,
+                 ) -> tuple[Decoder, dict[str, list[dict[str, float]]]]:
+    """CPT (when cpt_steps > 0) then SFT, each with its own optimizer; returns the model and histories.
+
+    With `validation` and settings.validate_every > 0, SFT is checked on the validation targets and
+    the best check's model is returned; histories["sft_selection"] lists the checks (step,
+    Recall/NDCG@10, loss), then the selected step and how many steps ran."""
     rng = np.random.default_rng(settings.seed)
     buckets = settings.buckets(layout)
     histories: dict[str, list[dict[str, float]]] = {}
@@ -113,10 +139,53 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
             continue
         make = cpt_batches if stage == "cpt" else sft_batches
         batches = make(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets, rng)
-        loop = TrainLoop(model, OptimConfig(settings.learning_rate, settings.warmup_steps, steps))
-        histories[stage] = loop.run(batches, steps, say, label=stage)
+        optim = OptimConfig(settings.learning_rate, settings.warmup_steps, steps, weight_decay=settings.weight_decay)
+        loop = TrainLoop(model, optim, dropout=settings.dropout, seed=settings.seed)
+        if stage == "sft" and validation is not None and settings.validate_every > 0:
+            histories[stage], histories["sft_selection"] = _select_on_validation(
+                loop, batches, steps, settings, layout, catalogue, validation, say)
+        else:
+            histories[stage] = loop.run(batches, steps, say, label=stage)
         model = loop.model()
     return model, histories
+
+
+def _select_on_validation(loop: TrainLoop, batches: Iterator[dict[str, np.ndarray]], steps: int,
+                          settings: RetrievalSettings, layout: VocabLayout, catalogue: Catalogue,
+                          validation: Validation, say: Say) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """SFT in chunks of validate_every steps, each followed by validation Recall/NDCG@10; stops after
+    `patience` chunks without a better Recall@10 (NDCG@10 breaking ties) and leaves the loop at the
+    best chunk's state."""
+    eval_set = validation.eval_set.head(settings.validation_users)
+    rewards = validation.rewards[:len(eval_set.targets)]
+    history: list[dict[str, float]] = []
+    checks: list[dict[str, float]] = []
+    best, best_state, stale = (-1.0, -1.0), None, 0
+    done = 0
+    while done < steps and stale < settings.patience:
+        chunk = min(settings.validate_every, steps - done)
+        history += loop.run(batches, chunk, say, label=f"sft {done + 1}-{done + chunk}/{steps}",
+                            report_every=max(1, chunk // 4))
+        done += chunk
+        recommender = Recommender(loop.model(), layout, catalogue, settings.max_history)
+        metrics, _ = evaluate(recommender, eval_set, rewards, settings.beam_width, settings.eval_batch)
+        check = {"step": done, "recall@10": metrics["recall@10"], "ndcg@10": metrics["ndcg@10"],
+                 "loss": history[-1]["loss"]}
+        checks.append(check)
+        score = (metrics["recall@10"], metrics["ndcg@10"])  # NDCG breaks a tie in recall
+        if score > best:
+            best, best_state, stale = score, loop.state_dict(), 0
+        else:
+            stale += 1
+        say(f"sft: validation after step {done}: R@10 {score[0]:.4f} N@10 {score[1]:.4f} "
+            f"({len(eval_set.targets):,} users; best {best[0]:.4f} / {best[1]:.4f}"
+            f"{', stopping' if stale >= settings.patience else ''})")
+    if best_state is not None and stale:
+        loop.load_state_dict(best_state)
+    chosen = max(checks, key=lambda c: (c["recall@10"], c["ndcg@10"]))
+    checks.append({"selected_step": chosen["step"], "recall@10": chosen["recall@10"], "ndcg@10": chosen["ndcg@10"],
+                   "steps_run": done})
+    return history, checks
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))

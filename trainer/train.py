@@ -11,6 +11,7 @@ divides evenly, otherwise replicated. On one device both axes have size 1 and no
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -21,6 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from trainer.model import Dropout
 
 Progress = Callable[[str], None]
 
@@ -66,18 +69,22 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array) ->
     return (nll * w).sum() / jnp.maximum(total, 1.0), total
 
 
-def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], dropout: Dropout | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token loss on the weighted positions plus the model's auxiliary (MoE balance) loss."""
-    logits, aux = model(batch["tokens"], batch["mask"])
+    logits, aux = model(batch["tokens"], batch["mask"], dropout)
     nll, total = next_token_loss(logits, batch["tokens"], batch["weights"])
     return nll + aux, {"loss": nll, "aux_loss": aux, "target_tokens": total}
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
+               dropout_key: jax.Array | None = None, dropout_rate: float = 0.0
                ) -> tuple[nnx.State, dict[str, jax.Array]]:
-    """One optimizer step on (model, optimizer) state; pure, so it jits and shards cleanly."""
+    """One optimizer step on (model, optimizer) state; pure, so it jits and shards cleanly.
+    With dropout_rate > 0, `dropout_key` draws this step's residual-dropout masks."""
     model, optimizer = nnx.merge(graphdef, state)
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    dropout = Dropout(dropout_rate, dropout_key) if dropout_rate > 0 else None
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, dropout)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return nnx.state((model, optimizer)), metrics
@@ -112,17 +119,23 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 
 
 class TrainLoop:
-    """Owns the jitted step, the sharded state and progress output for one model and optimizer."""
+    """Owns the jitted step, the sharded state and progress output for one model and optimizer.
+    `dropout`: the residual-dropout rate of training steps (0: none); step n's masks come from
+    the key `seed` folded with n, so a run repeats exactly."""
 
-    def __init__(self, model: nnx.Module, optim: OptimConfig, mesh: Mesh | None = None) -> None:
+    def __init__(self, model: nnx.Module, optim: OptimConfig, mesh: Mesh | None = None, dropout: float = 0.0,
+                 seed: int = 0) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.mesh = mesh or make_mesh()
         optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
         self.graphdef, state = nnx.split((model, optimizer))
         self.state_sharding = state_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_sharding)
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-        self._step = jax.jit(train_step, static_argnums=0, donate_argnums=1,
+        self._step = jax.jit(functools.partial(train_step, dropout_rate=dropout), static_argnums=0, donate_argnums=1,
                              out_shardings=(self.state_sharding, None))
+        self._dropout_key = jax.random.key(seed) if dropout > 0 else None
         self.step_count = 0
 
     @property
@@ -134,7 +147,8 @@ class TrainLoop:
         if rows % self.mesh.size:
             raise ValueError(f"batch of {rows} rows does not split over {self.mesh.size} devices")
         batch = {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
-        self.state, metrics = self._step(self.graphdef, self.state, batch)
+        key = None if self._dropout_key is None else jax.random.fold_in(self._dropout_key, self.step_count)
+        self.state, metrics = self._step(self.graphdef, self.state, batch, key)
         self.step_count += 1
         return {k: float(v) for k, v in metrics.items()}
 

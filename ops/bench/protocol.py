@@ -23,7 +23,7 @@ from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from trainer.data import Catalogue, RewardedSequences
 from trainer.evaluate import EvalSet, Split, UserSequences, leave_one_out, sequences_from_events
-from trainer.retrieval import Recommender, RetrievalSettings, evaluate, init_model, train_stages
+from trainer.retrieval import Recommender, RetrievalSettings, Validation, evaluate, init_model, train_stages
 from trainer.vocab import VocabLayout
 
 MAX_HISTORY = 20
@@ -38,6 +38,7 @@ class ProtocolData:
     split: Split
     train: RewardedSequences
     test_rewards: list[list[float]]
+    valid_rewards: list[list[float]]
     train_pairs: list[tuple[str, str, int]]
 
 
@@ -97,11 +98,12 @@ def prepare(name: str, cfg: PlumConfig, max_history: int = MAX_HISTORY) -> Proto
     reward_of = {(users[e.user_id], items[e.item_id]): e.reward(cfg.pipeline.reward) for e in events}
     train = RewardedSequences(split.train, tuple(np.array([reward_of[(u, int(i))] for i in seq], np.float32)
                                                  for u, seq in enumerate(split.train)))
-    test_rewards = [[reward_of[(int(u), int(i))] for i in h] for u, h in zip(split.test.users, split.test.histories)]
+    test_rewards, valid_rewards = ([[reward_of[(int(u), int(i))] for i in h] for u, h in zip(side.users, side.histories)]
+                                   for side in (split.test, split.valid))
     # Pairs seen at least twice: a single co-occurrence is mostly noise (as in `bench sid`).
     pairs = [(a, b, n) for a, b, n in cooccurrences(_training_events(events, split, sequences),
                                                     cfg.pipeline.cooccurrence_window) if n >= 2]
-    return ProtocolData(ds, sequences, split, train, test_rewards, pairs)
+    return ProtocolData(ds, sequences, split, train, test_rewards, valid_rewards, pairs)
 
 
 def test_sample(data: ProtocolData, users: int | None) -> tuple[EvalSet, list[list[float]]]:
@@ -116,11 +118,16 @@ def retrieval_row(settings: RetrievalSettings, layout: VocabLayout, catalogue: C
     """Train (CPT if asked, then SFT) and evaluate on the test users; settings, metrics and timings."""
     started = time.monotonic()
     model = init_model(settings, layout, gguf, bos_eos)
-    model, histories = train_stages(model, settings, layout, catalogue, data.train, say=click.echo)
+    validation = Validation(data.split.valid, data.valid_rewards)
+    model, histories = train_stages(model, settings, layout, catalogue, data.train, say=click.echo,
+                                    validation=validation)
     trained = time.monotonic() - started
     eval_set, rewards = test_sample(data, eval_users)
     metrics, _ = evaluate(Recommender(model, layout, catalogue, settings.max_history), eval_set, rewards,
                           settings.beam_width, settings.eval_batch, invalid_rate_users=invalid_rate_users)
-    return {"settings": dataclasses.asdict(settings), "model": dataclasses.asdict(model.cfg), "metrics": metrics,
-            "train_seconds": round(trained, 1), "eval_seconds": round(time.monotonic() - started - trained, 1),
-            "final_loss": {stage: h[-1]["loss"] for stage, h in histories.items()}}
+    row = {"settings": dataclasses.asdict(settings), "model": dataclasses.asdict(model.cfg), "metrics": metrics,
+           "train_seconds": round(trained, 1), "eval_seconds": round(time.monotonic() - started - trained, 1),
+           "final_loss": {stage: histories[stage][-1]["loss"] for stage in ("cpt", "sft") if stage in histories}}
+    if "sft_selection" in histories:
+        row["validation"] = histories["sft_selection"]
+    return row

@@ -54,6 +54,12 @@ class QualityRun:
     batch_size: int
     sasrec_epochs: int
     sid_steps: int | None
+    learning_rate: float = 1e-3
+    dropout: float = 0.0
+    weight_decay: float = 0.01
+    validate_every: int = 0
+    patience: int = 3
+    validation_users: int = 1000
 
 
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
@@ -80,7 +86,10 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
     label, init, with_cpt = VARIANTS[variant]
     settings = RetrievalSettings(model_size=run.model_size, init=init, keep_layers=run.keep_layers,
                                  cpt_steps=run.cpt_steps if with_cpt else 0, sft_steps=run.sft_steps,
-                                 batch_size=run.batch_size, max_history=MAX_HISTORY)
+                                 batch_size=run.batch_size, max_history=MAX_HISTORY, learning_rate=run.learning_rate,
+                                 dropout=run.dropout, weight_decay=run.weight_decay,
+                                 validate_every=run.validate_every, patience=run.patience,
+                                 validation_users=run.validation_users)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
                         (tokenizer.bos_id, tokenizer.eos_id))
     return {"row": label, "variant": variant, **row}
@@ -119,7 +128,11 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
     command = ("plum bench quality" + "".join(f" --dataset {d}" for d in quality.datasets)
                + "".join(f" --variant {v}" for v in quality.variants)
                + f" --sft-steps {quality.sft_steps} --cpt-steps {quality.cpt_steps} --model-size {quality.model_size}"
-               f" --keep-layers {quality.keep_layers}")
+               f" --keep-layers {quality.keep_layers} --learning-rate {quality.learning_rate:g}"
+               f" --dropout {quality.dropout:g} --weight-decay {quality.weight_decay:g}"
+               f" --validate-every {quality.validate_every}"
+               + (f" --patience {quality.patience} --validation-users {quality.validation_users}"
+                  if quality.validate_every else ""))
     measured = machine()
     for result in results.values():  # each data set's rows say which run produced them
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))

@@ -24,6 +24,9 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     for row in rows:
         assert 0.0 <= row["metrics"]["recall@10"] <= 1.0 and row["metrics"]["effective_vocabulary"] >= 1
     assert rows[1]["metrics"]["users"] == 943  # every test user, as the protocol says
+    # Model selection on the validation targets is on by default: one check at the run's only chunk.
+    assert [c["step"] for c in rows[1]["validation"][:-1]] == [3]
+    assert rows[1]["validation"][-1]["selected_step"] == 3
     assert report["datasets"]["movielens-100k"]["command"] == report["command"]  # each data set's provenance
 
 

@@ -7,11 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from trainer.data import Catalogue, RewardedSequences, history_tokens
+from trainer.data import RewardedSequences, history_tokens, sft_batches
 from trainer.evaluate import EvalSet
 from trainer.model import DECODER_SIZES, Decoder
-from trainer.retrieval import Recommender, RetrievalSettings, evaluate, make_catalogue, top_k_unseen, train_stages
+from trainer.retrieval import (
+    Recommender, RetrievalSettings, Validation, evaluate, make_catalogue, top_k_unseen, train_stages,
+)
+from trainer.train import OptimConfig, TrainLoop
 from trainer.vocab import VocabLayout
 
 pytestmark = pytest.mark.unit
@@ -73,6 +77,40 @@ def test_beam_scores_are_teacher_forced_log_probabilities(trained):
         forced = sum(float(logp[len(prompt) - 1 + d, t]) for d, t in enumerate(sid))
         assert score == pytest.approx(forced, abs=1e-4)
     assert list(scores[0]) == sorted(scores[0], reverse=True)
+
+
+def test_validation_selection_keeps_the_best_checked_model():
+    """SFT checked on validation targets every few steps: it stops after `patience` checks without a
+    better Recall@10 (NDCG@10 breaking ties) and the returned model is the best check's, not the
+    last: the same parameters as a plain run stopped at the selected step."""
+    layout, catalogue, sequences = _setup()
+    histories = tuple(np.array([(s + k) % N_ITEMS for k in range(4)]) for s in range(N_ITEMS))
+    targets = np.array([(s + 4) % N_ITEMS for s in range(N_ITEMS)], np.int32)
+    validation = Validation(EvalSet(np.arange(N_ITEMS), histories, targets, histories), [np.ones(4)] * N_ITEMS)
+    settings = RetrievalSettings(model_size="tiny", sft_steps=400, batch_size=32, learning_rate=1e-2, warmup_steps=20,
+                                 max_history=4, beam_width=8, eval_batch=16, validate_every=40, patience=2)
+    fresh = lambda: Decoder(DECODER_SIZES["tiny"].replace(vocab_size=layout.size), nnx.Rngs(0))  # noqa: E731
+    model, history = train_stages(fresh(), settings, layout, catalogue, sequences, say=lambda m: None,
+                                  validation=validation)
+    checks, selection = history["sft_selection"][:-1], history["sft_selection"][-1]
+    best = max((c["recall@10"], c["ndcg@10"]) for c in checks)
+    assert (selection["recall@10"], selection["ndcg@10"]) == best and best[0] > 0.5
+    assert [c["step"] for c in checks] == [40 * (i + 1) for i in range(len(checks))]
+    later = [(c["recall@10"], c["ndcg@10"]) for c in checks if c["step"] > selection["selected_step"]]
+    assert selection["steps_run"] == checks[-1]["step"] < 400  # this run's curve flattens: it stops early
+    assert len(later) == settings.patience and max(later) <= best
+    # The same batches and schedule without checks, stopped at the selected step and at the last one.
+    batches = sft_batches(layout, catalogue, sequences, settings.batch_size, settings.max_history,
+                          settings.buckets(layout), np.random.default_rng(settings.seed))
+    plain = TrainLoop(fresh(), OptimConfig(settings.learning_rate, settings.warmup_steps, settings.sft_steps))
+    tokens = jnp.asarray([history_tokens(layout, catalogue, h, np.ones(4)) for h in histories])
+    mask = jnp.ones(tokens.shape, bool)
+    plain.run(batches, selection["selected_step"])
+    at_selected = np.asarray(plain.model()(tokens, mask)[0])  # before the next step donates the state
+    plain.run(batches, selection["steps_run"] - selection["selected_step"])
+    logits = np.asarray(model(tokens, mask)[0])
+    np.testing.assert_allclose(logits, at_selected, atol=1e-4)
+    assert np.abs(logits - np.asarray(plain.model()(tokens, mask)[0])).max() > 1e-2
 
 
 def test_top_k_unseen_skips_seen_and_invalid_items():

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from trainer.checkpoint import CheckpointError, load_model, read_manifest, save_model
-from trainer.model import DECODER_SIZES, Decoder
+from trainer.model import DECODER_SIZES, Decoder, Dropout
 from trainer.train import OptimConfig, TrainLoop, next_token_loss, param_spec
 
 pytestmark = pytest.mark.unit
@@ -50,6 +51,41 @@ def test_training_reduces_loss_on_a_fixed_batch():
     assert last < 0.5 * first
 
 
+def test_dropout_steps_repeat_by_seed_and_differ_from_plain_steps():
+    """Dropout draws new masks every step from the seed: the same seed repeats a run exactly, a
+    rate of 0 is the plain step, and the dropped forward pass changes the loss."""
+    batch = _batch()
+
+    def losses(dropout: float, seed: int = 0) -> list[float]:
+        loop = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=5),
+                         dropout=dropout, seed=seed)
+        return [loop.step(batch)["loss"] for _ in range(3)]
+
+    plain, dropped = losses(0.0), losses(0.3)
+    assert losses(0.0, seed=7) == plain  # no dropout: the seed does not matter
+    assert losses(0.3) == dropped
+    assert losses(0.3, seed=1) != dropped
+    assert all(abs(a - b) > 1e-4 for a, b in zip(plain, dropped))
+    with pytest.raises(ValueError, match="dropout"):
+        TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(), dropout=1.0)
+
+
+def test_decoding_never_drops():
+    """The dropout argument is the only way in: without it the forward pass is deterministic and
+    equals the cached decoding path."""
+    model = Decoder(TINY, nnx.Rngs(0))
+    batch = _batch()
+    tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
+    first, _ = model(tokens, mask)
+    again, _ = model(tokens, mask)
+    dropped, _ = model(tokens, mask, Dropout(0.5, jax.random.key(0)))
+    cached, _ = model.extend(tokens, mask, model.init_cache(len(tokens), tokens.shape[1]))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert float(jnp.abs(dropped - first).max()) > 1e-3
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(first)[real], rtol=1e-4, atol=1e-4)
+
+
 def test_param_spec_splits_the_largest_divisible_dimension():
     assert param_spec((64, 32), 2) == jax_spec("fsdp", None)
     assert param_spec((3, 32), 2) == jax_spec(None, "fsdp")
@@ -69,7 +105,7 @@ def test_sharded_step_matches_a_single_device(tmp_path):
         import json, sys
         import jax, numpy as np
         from flax import nnx
-        from trainer.model import DECODER_SIZES, Decoder
+        from trainer.model import DECODER_SIZES, Decoder, Dropout
         from trainer.train import OptimConfig, TrainLoop, make_mesh
         sys.path.insert(0, "tests/unit")
         from test_train_step import _batch
