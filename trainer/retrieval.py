@@ -160,8 +160,8 @@ def _select_on_validation(loop: TrainLoop, batches: Iterator[dict[str, np.ndarra
     rewards = validation.rewards[:len(eval_set.targets)]
     history: list[dict[str, float]] = []
     checks: list[dict[str, float]] = []
-    best, best_state, stale = (-1.0, -1.0), None, 0
-    done = 0
+    best: dict[str, float] | None = None
+    best_state, stale, done = None, 0, 0
     while done < steps and stale < settings.patience:
         chunk = min(settings.validate_every, steps - done)
         history += loop.run(batches, chunk, say, label=f"sft {done + 1}-{done + chunk}/{steps}",
@@ -172,20 +172,23 @@ def _select_on_validation(loop: TrainLoop, batches: Iterator[dict[str, np.ndarra
         check = {"step": done, "recall@10": metrics["recall@10"], "ndcg@10": metrics["ndcg@10"],
                  "loss": history[-1]["loss"]}
         checks.append(check)
-        score = (metrics["recall@10"], metrics["ndcg@10"])  # NDCG breaks a tie in recall
-        if score > best:
-            best, best_state, stale = score, loop.state_dict(), 0
+        if best is None or _score(check) > _score(best):
+            best, best_state, stale = check, loop.state_dict(), 0
         else:
             stale += 1
-        say(f"sft: validation after step {done}: R@10 {score[0]:.4f} N@10 {score[1]:.4f} "
-            f"({len(eval_set.targets):,} users; best {best[0]:.4f} / {best[1]:.4f}"
+        say(f"sft: validation after step {done}: R@10 {check['recall@10']:.4f} N@10 {check['ndcg@10']:.4f} "
+            f"({len(eval_set.targets):,} users; best {best['recall@10']:.4f} / {best['ndcg@10']:.4f}"
             f"{', stopping' if stale >= settings.patience else ''})")
-    if best_state is not None and stale:
+    if stale:
         loop.load_state_dict(best_state)
-    chosen = max(checks, key=lambda c: (c["recall@10"], c["ndcg@10"]))
-    checks.append({"selected_step": chosen["step"], "recall@10": chosen["recall@10"], "ndcg@10": chosen["ndcg@10"],
+    checks.append({"selected_step": best["step"], "recall@10": best["recall@10"], "ndcg@10": best["ndcg@10"],
                    "steps_run": done})
     return history, checks
+
+
+def _score(check: dict[str, float]) -> tuple[float, float]:
+    """What validation selection maximises: Recall@10, NDCG@10 breaking a tie."""
+    return check["recall@10"], check["ndcg@10"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))

@@ -105,7 +105,7 @@ def test_sharded_step_matches_a_single_device(tmp_path):
         import json, sys
         import jax, numpy as np
         from flax import nnx
-        from trainer.model import DECODER_SIZES, Decoder, Dropout
+        from trainer.model import DECODER_SIZES, Decoder
         from trainer.train import OptimConfig, TrainLoop, make_mesh
         sys.path.insert(0, "tests/unit")
         from test_train_step import _batch
