@@ -192,7 +192,7 @@ class ContinuousTrainer:
                        "sid_version": manifest["sid_version"], "prompt_schema": manifest["prompt_schema"],
                        "cpt_checkpoint": str(cpt_dir)}
         self.layout = VocabLayout.from_json(manifest["vocabulary"])
-        self.loop = TrainLoop(model, self._optim())
+        self.loop = TrainLoop(model, self._optim(), sid_levels=self.layout.sid_levels)
         self.stream = Stream(self.paths.log_dir, manifest.get("data_watermark"))
         self.say(f"train continuous: starting from CPT checkpoint {cpt_dir} (SID version {self.origin['sid_version']}); "
                  f"events it covers are history, later ones fresh")
@@ -202,7 +202,7 @@ class ContinuousTrainer:
         self.origin = data["origin"]
         self.layout = VocabLayout.from_json(self.origin["vocabulary"])
         cfg = decoder_config_from_json(self.origin["model_config"])
-        self.loop = TrainLoop(Decoder(cfg, nnx.Rngs(0)), self._optim())
+        self.loop = TrainLoop(Decoder(cfg, nnx.Rngs(0)), self._optim(), sid_levels=self.layout.sid_levels)
         abstract = self.loop.state_dict()
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         self.loop.load_state_dict(restored["state"])
@@ -405,7 +405,7 @@ class ContinuousTrainer:
         state = resize_state(self.loop.state_dict(), self.layout.size, sources, seed=self.loop.step_count)
         cfg = decoder_config_from_json(self.origin["model_config"]).replace(vocab_size=layout.size)
         step = self.loop.step_count
-        self.loop = TrainLoop(Decoder(cfg, nnx.Rngs(0)), self._optim())
+        self.loop = TrainLoop(Decoder(cfg, nnx.Rngs(0)), self._optim(), sid_levels=layout.sid_levels)
         self.loop.load_state_dict(state)
         self.loop.step_count = step
         self.layout = layout

@@ -147,7 +147,8 @@ class BeamResult(NamedTuple):
     item -1 and tokens -1.
 
     sequences: int32 [B, beam_width, D] SID token ids.
-    scores: float32 [B, beam_width] sum of the SID tokens' log-probabilities (log-softmax over the full vocabulary).
+    scores: float32 [B, beam_width] sum of the SID tokens' log-probabilities, each a log-softmax over its own
+        SID position's tokens (the normaliser the SFT loss trains).
     items: int32 [B, beam_width] item index in the trie, -1 where the sequence is not a valid SID.
     """
 
@@ -167,13 +168,16 @@ def beam_search(
     max_len: int | None = None,
     banned: jax.Array | None = None,
     beams: BeamSteps | None = None,
+    logits_offset: int = 0,
 ) -> BeamResult:
     """Top `beam_width` SIDs per user for left-padded prompts `[B, T]` (jittable; D steps unrolled).
 
     One prefill of the B prompts, then D selection steps over B * beam_width cache rows. Constrained: at depth
     d only tokens that continue a valid SID prefix may be chosen, so every live beam is a distinct item.
-    Unconstrained: any vocabulary token may be chosen; items are looked up afterwards (-1 = invalid SID), which
-    measures the model's invalid-SID rate. `max_len` is the cache length, at least T + D - 1 (the default).
+    Unconstrained: any token of the SID position may be chosen; items are looked up afterwards (-1 = invalid
+    SID), which measures the model's invalid-SID rate. At every depth the log-probabilities are a softmax over
+    that position's tokens only (the SFT loss's normaliser), so the step functions may return the logits of
+    the SID rows alone: column c is token `logits_offset + c`. `max_len` is the cache length, at least T + D - 1 (the default).
     `banned: bool [B, n_items]` (constrained only) removes items per user: a prefix whose every item is
     banned is pruned as well, so a user's beams are spent only on items not banned (the items a user has
     already seen, when the caller excludes them). `beams`: decode the SID tokens with shared prompt caches
@@ -194,8 +198,9 @@ def beam_search(
 
     logits, cache = step_fn(prompt_tokens.astype(jnp.int32), prompt_mask.astype(bool), init_cache(batch, max_len))
     vocab = logits.shape[-1]
-    if trie.vocab_end > vocab:
-        raise ValueError(f"The SID ranges end at token {trie.vocab_end} but the model has only {vocab} logits.")
+    if trie.vocab_end > logits_offset + vocab or min(offset for offset, _ in trie.ranges) < logits_offset:
+        raise ValueError(f"The SID ranges span tokens {min(o for o, _ in trie.ranges)}..{trie.vocab_end - 1} but the "
+                         f"model gives logits of tokens {logits_offset}..{logits_offset + vocab - 1}.")
     blocked = _blocked_children(trie, banned) if banned is not None and constrained else None
     last_logits = logits[:, -1:, :].astype(jnp.float32)  # [B, beams_in=1, V]
     scores = jnp.zeros((batch, 1), jnp.float32)  # only one live beam per user before the first step
@@ -203,8 +208,9 @@ def beam_search(
     sequences = jnp.zeros((batch, 1, 0), jnp.int32)
     for d, (table, (offset, width)) in enumerate(zip(trie.children, trie.ranges)):
         beams_in = scores.shape[1]
-        # log-softmax over the full vocabulary = logit - log-normaliser; ranking within a beam needs only logits
-        beam_bias = scores - jax.nn.logsumexp(last_logits, axis=-1)  # [B, beams_in]
+        level = last_logits[..., offset - logits_offset:offset - logits_offset + width]  # [B, beams_in, width]
+        # log-softmax over the position's tokens = logit - log-normaliser; ranking within a beam needs only logits
+        beam_bias = scores - jax.nn.logsumexp(level, axis=-1)  # [B, beams_in]
         if constrained:
             # dead beams (node -1) read row 0, harmlessly: their bias is already -inf
             child = jnp.asarray(table)[jnp.maximum(nodes, 0)]  # [B, beams_in, width]
@@ -212,11 +218,10 @@ def beam_search(
             if blocked is not None:
                 flat = jnp.maximum(child, 0).reshape(batch, -1)
                 valid = valid & ~jnp.take_along_axis(blocked[d], flat, axis=1).reshape(child.shape)
-            scores, parent, token = _top_k(
-                jnp.where(valid, last_logits[..., offset : offset + width], -jnp.inf), beam_bias, beam_width)
-            token = token + offset
+            scores, parent, token = _top_k(jnp.where(valid, level, -jnp.inf), beam_bias, beam_width)
         else:
-            scores, parent, token = _top_k(last_logits, beam_bias, beam_width)
+            scores, parent, token = _top_k(level, beam_bias, beam_width)
+        token = token + offset
         nodes = _child(table, jnp.take_along_axis(nodes, parent, axis=1), token - offset, width)
         sequences = jnp.concatenate([jnp.take_along_axis(sequences, parent[..., None], axis=1), token[..., None]], -1)
         if d < trie.depth - 1 and beams is not None:

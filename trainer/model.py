@@ -357,13 +357,15 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
 
-    def __call__(self, tokens: jax.Array, mask: jax.Array, dropout: Dropout | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, mask: jax.Array, dropout: Dropout | None = None,
+                 rows: tuple[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens int32 [B, T], mask bool [B, T] (True = real; left or right padding) ->
         (logits float32 [B, T, V], aux_loss float32 [] = moe_aux_weight * summed MoE loss).
 
         RoPE positions count real tokens only; attention is causal and skips padded keys.
         `dropout` (training only): residual dropout of the embeddings and every block's branches.
+        `rows=(lo, hi)`: logits of vocabulary rows lo..hi-1 only, [B, T, hi - lo] (the SFT loss and
+        the beam search read only the SID tokens' logits, a fraction of the output head's work).
         """
         t = self._check(tokens, mask)
         if t > self.cfg.max_len:
@@ -380,7 +382,7 @@ class Decoder(nnx.Module):
             layer_dropout = None if dropout is None else Dropout(dropout.rate, jax.random.fold_in(dropout.key, i + 1))
             x, layer_aux, _ = layer(x, positions, allowed, mask, dropout=layer_dropout)
             aux = aux + layer_aux
-        return self._logits(x), aux * self.cfg.moe_aux_weight
+        return self._logits(x, rows), aux * self.cfg.moe_aux_weight
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KVCache of max_len slots per row (layout in KVCache's docstring)."""
@@ -396,10 +398,11 @@ class Decoder(nnx.Module):
             filled=jnp.zeros((), jnp.int32),
         )
 
-    def extend(self, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False
-               ) -> tuple[jax.Array, KVCache]:
+    def extend(self, tokens: jax.Array, mask: jax.Array, cache: KVCache, last_only: bool = False,
+               rows: tuple[int, int] | None = None) -> tuple[jax.Array, KVCache]:
         """Append tokens int32 [B, T] with mask bool [B, T] to the cache -> (logits [B, T, V], new cache);
-        `last_only`: logits of the last position only, [B, 1, V] (a prefill needs no more).
+        `last_only`: logits of the last position only, [B, 1, V] (a prefill needs no more); `rows` as
+        in `__call__`.
 
         Writes slots filled..filled+T (the caller sizes the cache: under jit a write past the
         end cannot be detected). Padded tokens are stored but never attended to and do not
@@ -429,7 +432,7 @@ class Decoder(nnx.Module):
             position=cache.position + mask.sum(axis=1, dtype=jnp.int32),
             filled=start + t,
         )
-        return self._logits(x[:, -1:] if last_only else x), new_cache
+        return self._logits(x[:, -1:] if last_only else x, rows), new_cache
 
     def start_beams(self, cache: KVCache, beam_width: int, steps: int) -> BeamCache:
         """A BeamCache over prefilled prompts for `beam_width` beams of up to `steps` generated tokens."""
@@ -437,10 +440,11 @@ class Decoder(nnx.Module):
         empty = jnp.zeros((b, beam_width, layers, steps, heads, dh), cache.k.dtype)
         return BeamCache(prefix=cache, k=empty, v=empty, filled=jnp.zeros((), jnp.int32))
 
-    def extend_beams(self, tokens: jax.Array, parent: jax.Array, cache: BeamCache) -> tuple[jax.Array, BeamCache]:
+    def extend_beams(self, tokens: jax.Array, parent: jax.Array, cache: BeamCache,
+                     rows: tuple[int, int] | None = None) -> tuple[jax.Array, BeamCache]:
         """One token per beam, tokens int32 [B, W], continuing beams `parent` int [B, W] (each new beam's
         beam index in `cache`) -> (logits [B, W, V], new cache). Same numbers as `extend` on a cache with
-        each prompt copied W times, without the copies."""
+        each prompt copied W times, without the copies; `rows` as in `__call__`."""
         b, w = tokens.shape
         prefix = cache.prefix
         steps = cache.k.shape[3]
@@ -459,16 +463,19 @@ class Decoder(nnx.Module):
             keys.append(k)
             values.append(v)
         new = BeamCache(prefix=prefix, k=jnp.stack(keys, axis=2), v=jnp.stack(values, axis=2), filled=cache.filled + 1)
-        return self._logits(x), new
+        return self._logits(x, rows), new
 
     def _check(self, tokens: jax.Array, mask: jax.Array) -> int:
         if tokens.ndim != 2 or tokens.shape != mask.shape:
             raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [batch, length].")
         return tokens.shape[1]
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and output head in float32: x [B, T, D] -> [B, T, V]."""
+    def _logits(self, x: jax.Array, rows: tuple[int, int] | None = None) -> jax.Array:
+        """Final norm and output head in float32: x [B, T, D] -> [B, T, V], or [B, T, hi - lo] for rows=(lo, hi)."""
+        lo, hi = rows if rows is not None else (0, self.cfg.vocab_size)
+        if not 0 <= lo < hi <= self.cfg.vocab_size:
+            raise ValueError(f"logit rows {lo}..{hi} do not lie inside the vocabulary of {self.cfg.vocab_size}.")
         h = self.final_norm(x).astype(jnp.float32)
         if self.cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", h, self.embed.embedding[...].astype(jnp.float32))
-        return h @ self.lm_head.kernel[...].astype(jnp.float32)
+            return jnp.einsum("btd,vd->btv", h, self.embed.embedding[lo:hi].astype(jnp.float32))
+        return h @ self.lm_head.kernel[:, lo:hi].astype(jnp.float32)

@@ -22,7 +22,7 @@ from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_toke
 from trainer.decoding import BeamResult, BeamSteps, SIDTrie, beam_search, invalid_share
 from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
 from trainer.model import DECODER_SIZES, Decoder
-from trainer.train import OptimConfig, TrainLoop
+from trainer.train import OptimConfig, TrainLoop, sid_rows
 from trainer.vocab import BOS, EOS, VocabLayout
 
 Say = Callable[[str], None]
@@ -140,7 +140,8 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
         make = cpt_batches if stage == "cpt" else sft_batches
         batches = make(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets, rng)
         optim = OptimConfig(settings.learning_rate, settings.warmup_steps, steps, weight_decay=settings.weight_decay)
-        loop = TrainLoop(model, optim, dropout=settings.dropout, seed=settings.seed)
+        loop = TrainLoop(model, optim, dropout=settings.dropout, seed=settings.seed,
+                         sid_levels=layout.sid_levels if stage == "sft" else None)
         if stage == "sft" and validation is not None and settings.validate_every > 0:
             histories[stage], histories["sft_selection"] = _select_on_validation(
                 loop, batches, steps, settings, layout, catalogue, validation, say)
@@ -195,9 +196,11 @@ def _score(check: dict[str, float]) -> tuple[float, float]:
 def _search(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, trie: SIDTrie,
             beam_width: int, constrained: bool, banned: jax.Array | None) -> BeamResult:
     model = nnx.merge(graphdef, state)
-    prefill = functools.partial(model.extend, last_only=True)  # the search reads only the last position's logits
+    rows = sid_rows(trie.ranges)  # the search reads only the SID tokens' logits
+    prefill = functools.partial(model.extend, last_only=True, rows=rows)  # and only at the last prompt position
     return beam_search(prefill, model.init_cache, tokens, mask, trie, beam_width, constrained, banned=banned,
-                       beams=BeamSteps(model.start_beams, model.extend_beams))
+                       beams=BeamSteps(model.start_beams, functools.partial(model.extend_beams, rows=rows)),
+                       logits_offset=rows[0])
 
 
 class Recommender:

@@ -69,22 +69,57 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array) ->
     return (nll * w).sum() / jnp.maximum(total, 1.0), total
 
 
-def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], dropout: Dropout | None = None
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Next-token loss on the weighted positions plus the model's auxiliary (MoE balance) loss."""
-    logits, aux = model(batch["tokens"], batch["mask"], dropout)
-    nll, total = next_token_loss(logits, batch["tokens"], batch["weights"])
+SIDLevels = tuple[tuple[int, int], ...]  # (first token id, width) per SID position: VocabLayout.sid_levels
+
+
+def sid_rows(levels: SIDLevels) -> tuple[int, int]:
+    """The vocabulary rows (lo, hi) that hold every SID position's tokens."""
+    return min(o for o, _ in levels), max(o + w for o, w in levels)
+
+
+def sid_level_loss(logits: jax.Array, lo: int, tokens: jax.Array, weights: jax.Array, levels: SIDLevels
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Weighted mean NLL of the target SID tokens tokens[:, 1:] given logits[:, :-1] of vocabulary rows
+    lo.., each target's softmax taken over the tokens of its own SID position; returns (loss, total weight).
+
+    logits: [B, T, C] for token ids lo..lo+C-1; weighted targets must be SID tokens (TrainLoop checks).
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    local = jnp.clip(tokens[:, 1:] - lo, 0, logits.shape[-1] - 1)
+    level_of = np.full(logits.shape[-1], 0, np.int32)
+    for level, (offset, width) in enumerate(levels):
+        level_of[offset - lo:offset - lo + width] = level
+    normalisers = jnp.stack([jax.nn.logsumexp(logits[..., o - lo:o - lo + w], axis=-1) for o, w in levels], -1)
+    own = jnp.take_along_axis(normalisers, jnp.asarray(level_of)[local][..., None], axis=-1)[..., 0]
+    nll = own - jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0]
+    w = weights[:, :-1]
+    total = w.sum()
+    return (nll * w).sum() / jnp.maximum(total, 1.0), total
+
+
+def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], dropout: Dropout | None = None,
+            sid_levels: SIDLevels | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token loss on the weighted positions plus the model's auxiliary (MoE balance) loss; with
+    `sid_levels`, the SFT loss over each target's own SID position (`sid_level_loss`)."""
+    if sid_levels:
+        rows = sid_rows(sid_levels)
+        logits, aux = model(batch["tokens"], batch["mask"], dropout, rows=rows)
+        nll, total = sid_level_loss(logits, rows[0], batch["tokens"], batch["weights"], sid_levels)
+    else:
+        logits, aux = model(batch["tokens"], batch["mask"], dropout)
+        nll, total = next_token_loss(logits, batch["tokens"], batch["weights"])
     return nll + aux, {"loss": nll, "aux_loss": aux, "target_tokens": total}
 
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
-               dropout_key: jax.Array | None = None, dropout_rate: float = 0.0
+               dropout_key: jax.Array | None = None, dropout_rate: float = 0.0, sid_levels: SIDLevels | None = None
                ) -> tuple[nnx.State, dict[str, jax.Array]]:
     """One optimizer step on (model, optimizer) state; pure, so it jits and shards cleanly.
-    With dropout_rate > 0, `dropout_key` draws this step's residual-dropout masks."""
+    With dropout_rate > 0, `dropout_key` draws this step's residual-dropout masks; `sid_levels`
+    selects the SFT loss (see `loss_fn`)."""
     model, optimizer = nnx.merge(graphdef, state)
     dropout = Dropout(dropout_rate, dropout_key) if dropout_rate > 0 else None
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, dropout)
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, dropout, sid_levels)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return nnx.state((model, optimizer)), metrics
@@ -121,20 +156,23 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 class TrainLoop:
     """Owns the jitted step, the sharded state and progress output for one model and optimizer.
     `dropout`: the residual-dropout rate of training steps (0: none); step n's masks come from
-    the key `seed` folded with n, so a run repeats exactly."""
+    the key `seed` folded with n, so a run repeats exactly. `sid_levels` (SFT): each target SID
+    token's softmax runs over its own SID position's tokens (`sid_level_loss`); None: CPT's
+    next-token loss over the whole vocabulary."""
 
     def __init__(self, model: nnx.Module, optim: OptimConfig, mesh: Mesh | None = None, dropout: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sid_levels: SIDLevels | None = None) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.sid_levels = tuple((int(o), int(w)) for o, w in sid_levels) if sid_levels else None
         self.mesh = mesh or make_mesh()
         optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
         self.graphdef, state = nnx.split((model, optimizer))
         self.state_sharding = state_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_sharding)
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-        self._step = jax.jit(functools.partial(train_step, dropout_rate=dropout), static_argnums=0, donate_argnums=1,
-                             out_shardings=(self.state_sharding, None))
+        self._step = jax.jit(functools.partial(train_step, dropout_rate=dropout, sid_levels=self.sid_levels),
+                             static_argnums=0, donate_argnums=1, out_shardings=(self.state_sharding, None))
         self._dropout_key = jax.random.key(seed) if dropout > 0 else None
         self.step_count = 0
 
@@ -146,6 +184,11 @@ class TrainLoop:
         rows = len(batch["tokens"])
         if rows % self.mesh.size:
             raise ValueError(f"batch of {rows} rows does not split over {self.mesh.size} devices")
+        if self.sid_levels:
+            targets = np.asarray(batch["tokens"])[:, 1:][np.asarray(batch["weights"])[:, :-1] > 0]
+            if not np.any([(targets >= o) & (targets < o + w) for o, w in self.sid_levels], axis=0).all():
+                raise ValueError("an SFT batch weighs a target that is not a SID token; the SID-level loss "
+                                 "covers SID tokens only")
         batch = {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
         key = None if self._dropout_key is None else jax.random.fold_in(self._dropout_key, self.step_count)
         self.state, metrics = self._step(self.graphdef, self.state, batch, key)

@@ -104,6 +104,12 @@ class VocabLayout:
         return tuple(offsets)
 
     @property
+    def sid_levels(self) -> tuple[tuple[int, int], ...]:
+        """(first token id, width) of each SID position: the ranges the SFT loss normalises over and
+        the beam search chooses from, one position at a time."""
+        return tuple(zip(self.sid_offsets, self.sid_widths))
+
+    @property
     def reward_offset(self) -> int:
         return self.sid_offsets[-1] + self.suffix_size
 

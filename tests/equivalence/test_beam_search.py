@@ -112,8 +112,12 @@ def teacher_forced(model: ToyModel, prompt: np.ndarray, sids: np.ndarray, prompt
     tokens = np.concatenate([np.repeat(prompt[None], n, 0), sids[:, :-1]], axis=1)
     mask = np.concatenate([np.repeat(prompt_mask[None], n, 0), np.ones((n, DEPTH - 1), bool)], axis=1)
     logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(mask), model.init_cache(n, tokens.shape[1]))
-    log_probs = np.asarray(jax.nn.log_softmax(logits[:, len(prompt) - 1:], axis=-1))
-    return np.take_along_axis(log_probs, sids[..., None], axis=-1)[..., 0].sum(-1)
+    logits = np.asarray(logits[:, len(prompt) - 1:])
+    total = np.zeros(n)
+    for d, (offset, width) in enumerate(RANGES):  # each SID token's softmax runs over its own position's tokens
+        log_probs = np.asarray(jax.nn.log_softmax(logits[:, d, offset:offset + width], axis=-1))
+        total += log_probs[np.arange(n), sids[:, d] - offset]
+    return total
 
 
 def catalogue(seed: int, n: int) -> list[tuple[int, ...]]:
@@ -186,7 +190,9 @@ def test_beam_width_one_equals_a_hand_written_greedy_constrained_decode():
         for _ in range(DEPTH):  # re-read the whole sequence each step: no cache to get wrong
             seq = np.concatenate([tokens[row], sequence]).astype(np.int32)[None]
             logits, _ = model.forward(jnp.asarray(seq), jnp.ones(seq.shape, bool), model.init_cache(1, seq.shape[1]))
-            log_probs = np.asarray(jax.nn.log_softmax(logits[0, -1]))
+            offset, width = RANGES[len(sequence)]
+            log_probs = np.full(VOCAB, -np.inf)
+            log_probs[offset:offset + width] = jax.nn.log_softmax(logits[0, -1, offset:offset + width])
             allowed = [t for t in range(VOCAB) if tuple(sequence) + (t,) in prefixes]
             best = max(allowed, key=lambda t: log_probs[t])
             sequence.append(best)

@@ -72,9 +72,10 @@ def test_beam_scores_are_teacher_forced_log_probabilities(trained):
     for item, score in zip(beams[0][:5], scores[0][:5]):
         sid = catalogue.item_sids[item].tolist()
         tokens = jnp.asarray([prompt + sid])
-        logits, _ = model(tokens, jnp.ones_like(tokens, bool))
-        logp = jax.nn.log_softmax(logits[0], -1)
-        forced = sum(float(logp[len(prompt) - 1 + d, t]) for d, t in enumerate(sid))
+        logits, _ = model(tokens, jnp.ones_like(tokens, bool))  # the whole vocabulary's logits
+        # each SID token's log-probability is a softmax over its own SID position's tokens
+        forced = sum(float(jax.nn.log_softmax(logits[0, len(prompt) - 1 + d, o:o + w])[t - o])
+                     for d, (t, (o, w)) in enumerate(zip(sid, layout.sid_levels)))
         assert score == pytest.approx(forced, abs=1e-4)
     assert list(scores[0]) == sorted(scores[0], reverse=True)
 
@@ -102,7 +103,8 @@ def test_validation_selection_keeps_the_best_checked_model():
     # The same batches and schedule without checks, stopped at the selected step and at the last one.
     batches = sft_batches(layout, catalogue, sequences, settings.batch_size, settings.max_history,
                           settings.buckets(layout), np.random.default_rng(settings.seed))
-    plain = TrainLoop(fresh(), OptimConfig(settings.learning_rate, settings.warmup_steps, settings.sft_steps))
+    plain = TrainLoop(fresh(), OptimConfig(settings.learning_rate, settings.warmup_steps, settings.sft_steps),
+                      sid_levels=layout.sid_levels)
     tokens = jnp.asarray([history_tokens(layout, catalogue, h, np.ones(4)) for h in histories])
     mask = jnp.ones(tokens.shape, bool)
     plain.run(batches, selection["selected_step"])

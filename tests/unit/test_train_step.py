@@ -16,7 +16,7 @@ from flax import nnx
 
 from trainer.checkpoint import CheckpointError, load_model, read_manifest, save_model
 from trainer.model import DECODER_SIZES, Decoder, Dropout
-from trainer.train import OptimConfig, TrainLoop, next_token_loss, param_spec
+from trainer.train import OptimConfig, TrainLoop, loss_fn, next_token_loss, param_spec, sid_level_loss
 
 pytestmark = pytest.mark.unit
 
@@ -40,6 +40,41 @@ def test_next_token_loss_counts_only_weighted_positions():
     only_second = next_token_loss(logits, tokens, jnp.array([[0.0, 1.0, 0.0]]))[0]
     assert float(only_first) < 1e-3
     assert float(only_second) == pytest.approx(np.log(4), rel=1e-5)
+
+
+def test_sid_level_loss_normalises_each_target_over_its_own_sid_position():
+    """Hand-computed: SID positions are tokens 2-4 and 5-6; logits cover rows 2..6. The first target
+    (token 3) is scored against tokens 2-4 only, the second (token 6) against 5-6 only; unweighted
+    positions count nothing, whatever their target."""
+    levels = ((2, 3), (5, 2))
+    logits = jnp.array([[[1.0, 2.0, 0.5, 9.0, 9.0], [7.0, 7.0, 7.0, 0.0, 1.0], [3.0, 0.0, 0.0, 0.0, 0.0]]])
+    tokens = jnp.array([[0, 3, 6]])
+    first = -(2.0 - np.log(np.exp(1.0) + np.exp(2.0) + np.exp(0.5)))
+    second = -(1.0 - np.log(np.exp(0.0) + np.exp(1.0)))
+    loss, total = sid_level_loss(logits, 2, tokens, jnp.array([[1.0, 1.0, 0.0]]), levels)
+    assert float(total) == 2.0 and float(loss) == pytest.approx((first + second) / 2, rel=1e-6)
+    only_second, _ = sid_level_loss(logits, 2, tokens, jnp.array([[0.0, 1.0, 1.0]]), levels)
+    assert float(only_second) == pytest.approx(second, rel=1e-6)
+
+
+def test_sft_loss_reads_only_the_sid_rows_of_the_output_head():
+    """The SFT loss projects onto the SID rows alone and equals the same per-position softmax taken
+    from the whole vocabulary's logits; TrainLoop refuses a batch that weighs a non-SID target."""
+    levels = ((4, 10), (14, 8), (22, 2))
+    model = Decoder(TINY, nnx.Rngs(0))
+    batch = _batch()
+    batch["tokens"][:, 1:] = np.random.default_rng(1).integers(4, 24, batch["tokens"][:, 1:].shape)
+    full, _ = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))
+    rows, _ = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]), rows=(4, 24))
+    np.testing.assert_allclose(rows, full[..., 4:24], atol=1e-6)
+    loss, metrics = loss_fn(model, {k: jnp.asarray(v) for k, v in batch.items()}, sid_levels=levels)
+    expected, _ = sid_level_loss(full[..., 4:24], 4, jnp.asarray(batch["tokens"]), jnp.asarray(batch["weights"]), levels)
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    loop = TrainLoop(model, OptimConfig(warmup_steps=0, total_steps=3), sid_levels=levels)
+    loop.step(batch)
+    batch["tokens"][0, 3] = 2  # a weighted target outside every SID position
+    with pytest.raises(ValueError, match="not a SID token"):
+        loop.step(batch)
 
 
 def test_training_reduces_loss_on_a_fixed_batch():
