@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ops.bench import SFT_RECIPE
 from ops.config import PROJECT_ROOT, PlumConfig, load_config
 from ops.errors import PlumError
 
@@ -549,7 +550,8 @@ def bench_freshness(ctx: click.Context, output: str | None, **sizes: Any) -> Non
               default=("movielens-100k", "amazon-beauty"), show_default=True, help="Data sets to run (repeatable).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="RQ-VAE training steps per row.")
 @click.option("--recall-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Train PLUM R1 for this many SFT steps on each row's SIDs and report test Recall@10 (0: skip).")
+              help="Train PLUM R1 for up to this many SFT steps on each row's SIDs (bench quality's recipe: "
+                   "dropout, weight decay, the best validation check kept) and report test Recall@10 (0: skip).")
 @click.option("--recall-users", type=click.IntRange(min=1), default=None,
               help="Evaluate the Recall@10 column on the first N test users (default: all).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
@@ -579,14 +581,14 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Peak learning rate of CPT and SFT (warm-up, then cosine decay over the step budget).")
-@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.2, show_default=True,
-              help="Residual dropout of the PLUM rows' training steps.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=SFT_RECIPE["dropout"],
+              show_default=True, help="Residual dropout of the PLUM rows' training steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=SFT_RECIPE["weight_decay"], show_default=True,
               help="AdamW weight decay of the PLUM rows.")
-@click.option("--validate-every", type=click.IntRange(min=0), default=250, show_default=True,
+@click.option("--validate-every", type=click.IntRange(min=0), default=SFT_RECIPE["validate_every"], show_default=True,
               help="Check SFT on the validation targets every this many steps, stop after --patience checks "
                    "without a better Recall@10 and keep the best (SASRec selects the same way); 0: off.")
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=SFT_RECIPE["patience"], show_default=True)
 @click.option("--validation-users", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,

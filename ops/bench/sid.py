@@ -21,6 +21,7 @@ import numpy as np
 
 from ingest.datasets import to_events
 from ops.assets import fetch_asset
+from ops.bench import SFT_RECIPE
 from ops.bench.protocol import ProtocolData, catalogue_frame, cooccurrences, prepare, retrieval_row
 from ops.bench.report import machine, update_readme_table, write_result
 from ops.config import PlumConfig
@@ -66,7 +67,7 @@ def recall_row(data: ProtocolData, item_ids: tuple[str, ...], codes: np.ndarray,
     sids = np.array([table.sid(str(i)) for i in data.sequences.item_ids], np.int64)
     layout = VocabLayout(tuple(level_sizes), table.suffix_size)
     catalogue = make_catalogue(layout, sids, [[] for _ in sids])
-    return retrieval_row(RetrievalSettings(sft_steps=steps), layout, catalogue, data, eval_users=users)
+    return retrieval_row(RetrievalSettings(sft_steps=steps, **SFT_RECIPE), layout, catalogue, data, eval_users=users)
 
 
 def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder: TextEncoder, recall_steps: int = 0,
