@@ -13,7 +13,6 @@ the pipeline's state store over the training part of the split only, so no test 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +23,8 @@ import numpy as np
 
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import RESULTS_DIR, machine, update_readme_table, write_result
+from ops.bench.report import RESULTS_DIR, machine, update_readme_table, with_earlier_datasets, write_result
 from ops.config import PlumConfig
-from ops.datasets import known_datasets
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.text_encoder import TextEncoder
 from trainer.retrieval import RetrievalSettings, make_catalogue, text_vocabulary
@@ -137,9 +135,7 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
     for result in results.values():  # each data set's rows say which run produced them
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))
     if output is None:
-        merged = {**_earlier_datasets(RESULTS_DIR / "quality.json", set(results)), **results}
-        order = list(known_datasets())  # the README table's order
-        results = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        results = with_earlier_datasets(RESULTS_DIR / "quality.json", results, ("command", "machine", "run"))
     report = {"benchmark": "quality", "command": command, "machine": measured,
               "run": dataclasses.asdict(quality), "datasets": results,
               "protocol": "leave-one-out, full catalogue, earlier items excluded, histories capped at 20",
@@ -150,21 +146,6 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
         update_readme_table("quality", readme_table(report))
     click.echo(f"bench quality: wrote {path}")
     return report
-
-
-def _earlier_datasets(path: Path, rerun: set[str]) -> dict[str, Any]:
-    """The default result file keeps the data sets this run did not train (one data set's rows take
-    most of a session here), each with the command, machine and commit that produced it."""
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    kept = {}
-    for name, result in earlier.get("datasets", {}).items():
-        if name not in rerun:
-            kept[name] = {"command": earlier.get("command"), "machine": earlier.get("machine"),
-                          "run": earlier.get("run"), **result}
-    return kept
 
 
 def readme_table(report: dict[str, Any]) -> str:

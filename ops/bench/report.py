@@ -37,6 +37,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def with_earlier_datasets(path: Path, results: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """This run's per-data-set `results` plus the data sets of the earlier result file `path` that
+    it did not measure (one data set's rows can take most of a session here), each given the `keys`
+    (command, machine, settings) of the run that produced it; in the order of the known data sets."""
+    from ops.datasets import known_datasets  # the data set registry only when merging
+
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    merged = {set_name: {**{k: earlier.get(k) for k in keys}, **result}
+              for set_name, result in earlier.get("datasets", {}).items() if set_name not in results}
+    merged.update(results)
+    order = list(known_datasets())
+    return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
 def write_result(name: str, result: dict[str, Any], output: str | None = None) -> Path:
     path = Path(output) if output else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from ingest.datasets import to_events
 from ops.assets import fetch_asset
 from ops.bench import SFT_RECIPE
 from ops.bench.protocol import ProtocolData, catalogue_frame, cooccurrences, prepare, retrieval_row
-from ops.bench.report import machine, update_readme_table, write_result
+from ops.bench.report import RESULTS_DIR, machine, update_readme_table, with_earlier_datasets, write_result
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from tokenizer.config import TokenizeSettings
@@ -128,7 +128,12 @@ def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: s
     command = (f"plum bench sid --steps {settings.steps}" + "".join(f" --dataset {d}" for d in datasets)
                + (f" --recall-steps {recall_steps}" if recall_steps else "")
                + (f" --recall-users {recall_users}" if recall_users else ""))
-    report = {"benchmark": "sid", "command": command, "machine": machine(),
+    measured = machine()
+    for result in results.values():  # each data set's rows say which run produced them
+        result.update(command=command, machine=measured, settings=settings.model_dump(mode="json"))
+    if output is None:
+        results = with_earlier_datasets(RESULTS_DIR / "sid.json", results, ("command", "machine", "settings"))
+    report = {"benchmark": "sid", "command": command, "machine": measured,
               "settings": settings.model_dump(mode="json"), "datasets": results,
               "targets": {"sid_v2_uniqueness_before_suffix": ">= 0.95", "every_level_utilisation": ">= 0.5"}}
     path = write_result("sid", report, output)
@@ -151,7 +156,10 @@ def readme_table(report: dict[str, Any]) -> str:
                          + " / ".join(f"{u:.2f}" for u in row["utilisation"])
                          + f" | {row['cooccurring_pairs_sharing_first_code']:.3f} / "
                            f"{row['random_pairs_sharing_first_code']:.3f} | {_recall(row)} |")
-    lines.append(f"\nMeasured {report['machine']['measured_at']} (commit {report['machine']['commit']}) with "
-                 f"`{report['command']}`; each row's codebook sizes and flags are in "
-                 "ops/bench/results/sid.json.")
+    lines.append("")
+    for name, result in report["datasets"].items():
+        run = result.get("machine") or report["machine"]
+        lines.append(f"{name}: measured {run['measured_at']} (commit {run['commit']}) with "
+                     f"`{result.get('command') or report['command']}`.")
+    lines.append("Each row's codebook sizes and flags are in ops/bench/results/sid.json.")
     return "\n".join(lines) + "\n"

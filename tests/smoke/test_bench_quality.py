@@ -31,19 +31,23 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
 
 
 def test_the_default_result_keeps_the_data_sets_a_run_did_not_train(tmp_path):
-    from ops.bench.quality import _earlier_datasets, readme_table
+    from ops.bench.quality import readme_table
+    from ops.bench.report import with_earlier_datasets
 
     earlier = tmp_path / "quality.json"
     row = {"row": "SASRec", "metrics": {"recall@5": .1, "recall@10": .2, "ndcg@5": .05, "ndcg@10": .08}, "train_seconds": 9}
     old_run = {"measured_at": "2026-01-01T00:00:00+00:00", "commit": "aaa"}
-    earlier.write_text(json.dumps({"command": "plum bench quality --dataset a --dataset b", "machine": old_run,
-                                   "datasets": {"a": {"rows": [row]}, "b": {"rows": [row]}}}))
-    kept = _earlier_datasets(earlier, {"a"})
-    assert list(kept) == ["b"] and kept["b"]["command"] == "plum bench quality --dataset a --dataset b"
+    earlier.write_text(json.dumps({"command": "plum bench quality --dataset amazon-beauty --dataset movielens-100k",
+                                   "machine": old_run, "run": {"sft_steps": 1},
+                                   "datasets": {"amazon-beauty": {"rows": [row]}, "movielens-100k": {"rows": [row]}}}))
     new_run = {"measured_at": "2026-02-01T00:00:00+00:00", "commit": "bbb"}
-    report = {"command": "plum bench quality --dataset a", "machine": new_run,
-              "datasets": {"a": {"rows": [row], "command": "plum bench quality --dataset a", "machine": new_run}, **kept}}
-    table = readme_table(report)
-    assert "a: measured 2026-02-01T00:00:00+00:00 (commit bbb) with `plum bench quality --dataset a`" in table
-    assert "b: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `plum bench quality --dataset a --dataset b`" in table
-    assert _earlier_datasets(tmp_path / "missing.json", {"a"}) == {}
+    fresh = {"amazon-beauty": {"rows": [row], "command": "plum bench quality --dataset amazon-beauty", "machine": new_run}}
+    merged = with_earlier_datasets(earlier, fresh, ("command", "machine", "run"))
+    assert list(merged) == ["movielens-100k", "amazon-beauty"]  # the known data sets' order
+    assert merged["amazon-beauty"] == fresh["amazon-beauty"] and merged["movielens-100k"]["run"] == {"sft_steps": 1}
+    table = readme_table({"command": "plum bench quality --dataset amazon-beauty", "machine": new_run, "datasets": merged})
+    assert ("amazon-beauty: measured 2026-02-01T00:00:00+00:00 (commit bbb) with "
+            "`plum bench quality --dataset amazon-beauty`") in table
+    assert ("movielens-100k: measured 2026-01-01T00:00:00+00:00 (commit aaa) with "
+            "`plum bench quality --dataset amazon-beauty --dataset movielens-100k`") in table
+    assert with_earlier_datasets(tmp_path / "missing.json", fresh, ("command",)) == fresh
