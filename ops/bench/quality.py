@@ -23,7 +23,8 @@ import numpy as np
 
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import RESULTS_DIR, machine, update_readme_table, with_earlier_datasets, write_result
+from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
+                              write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.text_encoder import TextEncoder
@@ -157,9 +158,6 @@ def readme_table(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['row']} | {m['recall@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@5']:.4f} | "
                          f"{m['ndcg@10']:.4f} | {m.get('effective_vocabulary', '')} | {row['train_seconds']:.0f} |")
     lines.append("")
-    for name, result in report["datasets"].items():
-        run = result.get("machine") or report["machine"]
-        lines.append(f"{name}: measured {run['measured_at']} (commit {run['commit']}) with "
-                     f"`{result.get('command') or report['command']}`.")
+    lines += provenance_lines(report)
     lines.append("Settings per row in ops/bench/results/quality.json.")
     return "\n".join(lines) + "\n"

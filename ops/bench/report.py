@@ -54,6 +54,17 @@ def with_earlier_datasets(path: Path, results: dict[str, Any], keys: tuple[str, 
     return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def provenance_lines(report: dict[str, Any]) -> list[str]:
+    """One README line per data set of a merged report: when, at which commit and with which command
+    its rows were measured."""
+    lines = []
+    for name, result in report["datasets"].items():
+        run = result.get("machine") or report["machine"]
+        lines.append(f"{name}: measured {run['measured_at']} (commit {run['commit']}) with "
+                     f"`{result.get('command') or report['command']}`.")
+    return lines
+
+
 def write_result(name: str, result: dict[str, Any], output: str | None = None) -> Path:
     path = Path(output) if output else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ from ingest.datasets import to_events
 from ops.assets import fetch_asset
 from ops.bench import SFT_RECIPE
 from ops.bench.protocol import ProtocolData, catalogue_frame, cooccurrences, prepare, retrieval_row
-from ops.bench.report import RESULTS_DIR, machine, update_readme_table, with_earlier_datasets, write_result
+from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
+                              write_result)
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from tokenizer.config import TokenizeSettings
@@ -157,9 +158,6 @@ def readme_table(report: dict[str, Any]) -> str:
                          + f" | {row['cooccurring_pairs_sharing_first_code']:.3f} / "
                            f"{row['random_pairs_sharing_first_code']:.3f} | {_recall(row)} |")
     lines.append("")
-    for name, result in report["datasets"].items():
-        run = result.get("machine") or report["machine"]
-        lines.append(f"{name}: measured {run['measured_at']} (commit {run['commit']}) with "
-                     f"`{result.get('command') or report['command']}`.")
+    lines += provenance_lines(report)
     lines.append("Each row's codebook sizes and flags are in ops/bench/results/sid.json.")
     return "\n".join(lines) + "\n"
