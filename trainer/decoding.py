@@ -112,6 +112,11 @@ class SIDTrie:
         return len(self.ranges)
 
     @property
+    def vocab_start(self) -> int:
+        """The smallest SID token id: logits from here to `vocab_end` are all the search reads."""
+        return min(offset for offset, _ in self.ranges)
+
+    @property
     def vocab_end(self) -> int:
         """One past the largest SID token id; the model's vocabulary must be at least this large."""
         return max(offset + width for offset, width in self.ranges)
@@ -198,8 +203,8 @@ def beam_search(
 
     logits, cache = step_fn(prompt_tokens.astype(jnp.int32), prompt_mask.astype(bool), init_cache(batch, max_len))
     vocab = logits.shape[-1]
-    if trie.vocab_end > logits_offset + vocab or min(offset for offset, _ in trie.ranges) < logits_offset:
-        raise ValueError(f"The SID ranges span tokens {min(o for o, _ in trie.ranges)}..{trie.vocab_end - 1} but the "
+    if trie.vocab_end > logits_offset + vocab or trie.vocab_start < logits_offset:
+        raise ValueError(f"The SID ranges span tokens {trie.vocab_start}..{trie.vocab_end - 1} but the "
                          f"model gives logits of tokens {logits_offset}..{logits_offset + vocab - 1}.")
     blocked = _blocked_children(trie, banned) if banned is not None and constrained else None
     last_logits = logits[:, -1:, :].astype(jnp.float32)  # [B, beams_in=1, V]

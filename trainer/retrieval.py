@@ -22,7 +22,7 @@ from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_toke
 from trainer.decoding import BeamResult, BeamSteps, SIDTrie, beam_search, invalid_share
 from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
 from trainer.model import DECODER_SIZES, Decoder
-from trainer.train import OptimConfig, TrainLoop, sid_rows
+from trainer.train import OptimConfig, TrainLoop
 from trainer.vocab import BOS, EOS, VocabLayout
 
 Say = Callable[[str], None]
@@ -196,7 +196,7 @@ def _score(check: dict[str, float]) -> tuple[float, float]:
 def _search(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array, trie: SIDTrie,
             beam_width: int, constrained: bool, banned: jax.Array | None) -> BeamResult:
     model = nnx.merge(graphdef, state)
-    rows = sid_rows(trie.ranges)  # the search reads only the SID tokens' logits
+    rows = (trie.vocab_start, trie.vocab_end)  # the search reads only the SID tokens' logits
     prefill = functools.partial(model.extend, last_only=True, rows=rows)  # and only at the last prompt position
     return beam_search(prefill, model.init_cache, tokens, mask, trie, beam_width, constrained, banned=banned,
                        beams=BeamSteps(model.start_beams, functools.partial(model.extend_beams, rows=rows)),
