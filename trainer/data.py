@@ -135,10 +135,18 @@ class RewardedSequences:
     rewards: tuple[np.ndarray, ...]
 
 
-def sft_windows(sequences: RewardedSequences) -> tuple[np.ndarray, float]:
-    """Every (user, last position >= 1) a window can end at, and the largest reward (for sampling)."""
-    ends = [np.stack([np.full(len(items) - 1, u), np.arange(1, len(items))], 1)
-            for u, items in enumerate(sequences.items) if len(items) > 1]
+def sft_windows(sequences: RewardedSequences, max_history: int) -> tuple[np.ndarray, float]:
+    """The (user, last position) of every SFT window, and the largest reward (for sampling).
+
+    A user's sequence is tiled from its end: windows of max_history + 1 items end at its last item,
+    then max_history items earlier, and so on, so every position after the first is a target of
+    exactly one window (the causal loss covers every prefix of a window at once). Windows ending
+    at every position instead would make a user's early items targets in up to max_history windows
+    and the most recent in one, and weight long histories quadratically.
+    """
+    ends = [np.stack([np.full(len(last), u), last], 1)
+            for u, items in enumerate(sequences.items) if len(items) > 1
+            for last in [np.arange(len(items) - 1, 0, -max_history)]]
     if not ends:
         raise ValueError("no user has two or more training items: nothing to learn from")
     top = max(float(np.max(r)) for r in sequences.rewards if len(r))
@@ -150,14 +158,15 @@ def sft_windows(sequences: RewardedSequences) -> tuple[np.ndarray, float]:
 def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
                 max_history: int, buckets: Sequence[int], rng: np.random.Generator,
                 context: Sequence[Mapping[str, object]] | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Endless SFT batches of windows of at most max_history + 1 items ending at a random position;
-    every item after the window's first is a target, kept with probability reward / max reward.
+    """Endless SFT batches of the windows of `sft_windows` (at most max_history + 1 items), drawn
+    uniformly; every item after the window's first is a target, kept with probability
+    reward / max reward.
 
     Windows are grouped by padded length and a batch comes from one group (groups drawn in
     proportion to their size, so every window is still equally likely): short histories are not
     padded to the longest bucket, which on Amazon Beauty's short sequences halves the tokens.
     """
-    ends, top = sft_windows(sequences)
+    ends, top = sft_windows(sequences, max_history)
     items_in = np.minimum(ends[:, 1], max_history) + 1
     lengths = prefix_length(layout) + items_in * (layout.sid_depth + 1)
     groups = [g for g in (np.flatnonzero(np.array([bucket_length(n, buckets) for n in lengths]) == b)

@@ -7,7 +7,7 @@ import pytest
 
 from trainer.data import (
     Catalogue, RewardedSequences, behaviour_document, cpt_batches, history_tokens, left_pad, metadata_documents,
-    pack_batch, sft_batches, target_weights,
+    pack_batch, sft_batches, sft_windows, target_weights,
 )
 from trainer.vocab import BOS, EOS, HIST, PAD, SPECIALS, UNK, FeatureSpec, VocabLayout
 
@@ -149,3 +149,14 @@ def test_sft_batches_group_windows_by_length():
                           rng=np.random.default_rng(0))
     widths = {next(batches)["tokens"].shape[1] for _ in range(40)}
     assert 16 in widths and 128 in widths  # short windows are not padded to the longest bucket
+
+
+def test_sft_windows_make_every_position_a_target_once():
+    lengths = (1, 2, 5, 6, 11, 23)
+    seqs = RewardedSequences(tuple(np.arange(n) for n in lengths), tuple(np.ones(n) for n in lengths))
+    ends, top = sft_windows(seqs, max_history=5)
+    assert top == 1.0
+    for u, n in enumerate(lengths):
+        targets = [p for user, end in ends if user == u for p in range(max(0, end - 5) + 1, end + 1)]
+        assert sorted(targets) == list(range(1, n))  # each position after the first, exactly once
+    assert max(end for user, end in ends if user == 5) == 22  # the most recent item is always a target
