@@ -589,6 +589,9 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
               help="Check SFT on the validation targets every this many steps, stop after --patience checks "
                    "without a better Recall@10 and keep the best (SASRec selects the same way); 0: off.")
 @click.option("--patience", type=click.IntRange(min=1), default=SFT_RECIPE["patience"], show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=SFT_RECIPE["ema_decay"],
+              show_default=True, help="Keep, validate and test a moving average of the PLUM rows' weights with "
+                                      "this decay per step (0: the trained weights themselves).")
 @click.option("--validation-users", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,
@@ -599,7 +602,8 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @click.pass_context
 def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple[str, ...], sft_steps: int,
                   cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, learning_rate: float,
-                  dropout: float, weight_decay: float, validate_every: int, patience: int, validation_users: int,
+                  dropout: float, weight_decay: float, validate_every: int, patience: int, ema_decay: float,
+                  validation_users: int,
                   sasrec_epochs: int, sid_steps: int | None, output: str | None) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
     CR2) trained on the same split in the same run, with each model's effective vocabulary."""
@@ -607,7 +611,7 @@ def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple
 
     run(_config(ctx), QualityRun(datasets, variants, sft_steps, cpt_steps, model_size, keep_layers, batch_size,
                                  sasrec_epochs, sid_steps, learning_rate, dropout, weight_decay, validate_every,
-                                 patience, validation_users), output)
+                                 patience, validation_users, ema_decay), output)
 
 
 @bench.command("train")

@@ -52,6 +52,7 @@ class RetrievalSettings:
     validate_every: int = 0
     validation_users: int = 1000
     patience: int = 3
+    ema_decay: float = 0.0  # > 0: the stages keep, validate and return a moving average of the weights
 
     def __post_init__(self) -> None:
         if self.init not in ("random", "smollm2"):
@@ -60,6 +61,8 @@ class RetrievalSettings:
             raise ValueError(f"unknown model size {self.model_size!r}; known: {', '.join(DECODER_SIZES)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.weight_decay < 0 or self.validate_every < 0 or self.validation_users < 1 or self.patience < 1:
             raise ValueError("weight_decay and validate_every must not be negative, validation_users and patience "
                              "must be at least 1")
@@ -126,7 +129,8 @@ class Validation:
 def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayout, catalogue: Catalogue,
                  sequences: RewardedSequences, say: Say = print, validation: Validation | None = None,
                  ) -> tuple[Decoder, dict[str, list[dict[str, float]]]]:
-    """CPT (when cpt_steps > 0) then SFT, each with its own optimizer; returns the model and histories.
+    """CPT (when cpt_steps > 0) then SFT, each with its own optimizer; returns the model (the moving
+    average of its weights with settings.ema_decay > 0) and histories.
 
     With `validation` and settings.validate_every > 0, SFT is checked on the validation targets and
     the best check's model is returned; histories["sft_selection"] lists the checks (step,
@@ -141,13 +145,13 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
         batches = make(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets, rng)
         optim = OptimConfig(settings.learning_rate, settings.warmup_steps, steps, weight_decay=settings.weight_decay)
         loop = TrainLoop(model, optim, dropout=settings.dropout, seed=settings.seed,
-                         sid_levels=layout.sid_levels if stage == "sft" else None)
+                         sid_levels=layout.sid_levels if stage == "sft" else None, ema_decay=settings.ema_decay)
         if stage == "sft" and validation is not None and settings.validate_every > 0:
             histories[stage], histories["sft_selection"] = _select_on_validation(
                 loop, batches, steps, settings, layout, catalogue, validation, say)
         else:
             histories[stage] = loop.run(batches, steps, say, label=stage)
-        model = loop.model()
+        model = loop.averaged_model()
     return model, histories
 
 
@@ -168,7 +172,7 @@ def _select_on_validation(loop: TrainLoop, batches: Iterator[dict[str, np.ndarra
         history += loop.run(batches, chunk, say, label=f"sft {done + 1}-{done + chunk}/{steps}",
                             report_every=max(1, chunk // 4))
         done += chunk
-        recommender = Recommender(loop.model(), layout, catalogue, settings.max_history)
+        recommender = Recommender(loop.averaged_model(), layout, catalogue, settings.max_history)
         metrics, _ = evaluate(recommender, eval_set, rewards, settings.beam_width, settings.eval_batch)
         check = {"step": done, "recall@10": metrics["recall@10"], "ndcg@10": metrics["ndcg@10"],
                  "loss": history[-1]["loss"]}

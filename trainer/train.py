@@ -153,17 +153,26 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), fsdp)), state)
 
 
+@jax.jit
+def _ema_update(average: nnx.State, current: nnx.State, decay: jax.Array) -> nnx.State:
+    return jax.tree.map(lambda a, c: (decay * a + (1 - decay) * c).astype(a.dtype), average, current)
+
+
 class TrainLoop:
     """Owns the jitted step, the sharded state and progress output for one model and optimizer.
     `dropout`: the residual-dropout rate of training steps (0: none); step n's masks come from
     the key `seed` folded with n, so a run repeats exactly. `sid_levels` (SFT): each target SID
     token's softmax runs over its own SID position's tokens (`sid_level_loss`); None: CPT's
-    next-token loss over the whole vocabulary."""
+    next-token loss over the whole vocabulary. `ema_decay` > 0 also keeps an exponential moving
+    average of the model's weights (`averaged_model`), updated after every step with the decay
+    min(ema_decay, (1 + n) / (10 + n)) so that early steps do not drag the random init along."""
 
     def __init__(self, model: nnx.Module, optim: OptimConfig, mesh: Mesh | None = None, dropout: float = 0.0,
-                 seed: int = 0, sid_levels: SIDLevels | None = None) -> None:
+                 seed: int = 0, sid_levels: SIDLevels | None = None, ema_decay: float = 0.0) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         self.sid_levels = tuple((int(o), int(w)) for o, w in sid_levels) if sid_levels else None
         self.mesh = mesh or make_mesh()
         optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
@@ -175,6 +184,8 @@ class TrainLoop:
                              static_argnums=0, donate_argnums=1, out_shardings=(self.state_sharding, None))
         self._dropout_key = jax.random.key(seed) if dropout > 0 else None
         self.step_count = 0
+        self.ema_decay = ema_decay
+        self.ema = jax.tree.map(jnp.copy, self.state[0]) if ema_decay > 0 else None  # the model half of the state
 
     @property
     def devices(self) -> int:
@@ -193,21 +204,44 @@ class TrainLoop:
         key = None if self._dropout_key is None else jax.random.fold_in(self._dropout_key, self.step_count)
         self.state, metrics = self._step(self.graphdef, self.state, batch, key)
         self.step_count += 1
+        if self.ema is not None:
+            decay = min(self.ema_decay, (1 + self.step_count) / (10 + self.step_count))
+            self.ema = _ema_update(self.ema, self.state[0], jnp.float32(decay))
         return {k: float(v) for k, v in metrics.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state as a pure dict of host arrays (what a checkpoint stores)."""
-        return jax.device_get(nnx.to_pure_dict(self.state))
+        """Model and optimizer state as a pure dict of host arrays (what a checkpoint stores); with
+        weight averaging on, the average too under "ema"."""
+        pure = jax.device_get(nnx.to_pure_dict(self.state))
+        if self.ema is not None:
+            pure["ema"] = jax.device_get(nnx.to_pure_dict(self.ema))
+        return pure
 
     def load_state_dict(self, pure: dict[str, Any]) -> None:
-        """Replace model and optimizer state with a checkpoint's (same structure and shapes)."""
+        """Replace model and optimizer state (and the average, when both keep one) with a
+        checkpoint's (same structure and shapes)."""
+        pure = dict(pure)
+        ema = pure.pop("ema", None)
         state = jax.tree.map(lambda x: x, self.state)
         nnx.replace_by_pure_dict(state, pure)
         self.state = jax.device_put(state, self.state_sharding)
+        if self.ema is not None and ema is not None:
+            averaged = jax.tree.map(lambda x: x, self.ema)
+            nnx.replace_by_pure_dict(averaged, ema)
+            self.ema = jax.device_put(averaged, self.state_sharding[0])
 
     def model(self) -> nnx.Module:
         """The current model (a view on the trained state)."""
         model, _ = nnx.merge(self.graphdef, self.state)
+        return model
+
+    def averaged_model(self) -> nnx.Module:
+        """The model with the moving average of its weights (the current model without averaging)."""
+        if self.ema is None:
+            return self.model()
+        state = jax.tree.map(lambda x: x, self.state)
+        state[0] = self.ema
+        model, _ = nnx.merge(self.graphdef, state)
         return model
 
     def run(self, batches: Iterator[dict[str, np.ndarray]], steps: int, say: Progress | None = None,

@@ -59,6 +59,7 @@ class QualityRun:
     validate_every: int = 0
     patience: int = 3
     validation_users: int = 1000
+    ema_decay: float = 0.0
 
 
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
@@ -88,7 +89,7 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
                                  batch_size=run.batch_size, max_history=MAX_HISTORY, learning_rate=run.learning_rate,
                                  dropout=run.dropout, weight_decay=run.weight_decay,
                                  validate_every=run.validate_every, patience=run.patience,
-                                 validation_users=run.validation_users)
+                                 validation_users=run.validation_users, ema_decay=run.ema_decay)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
                         (tokenizer.bos_id, tokenizer.eos_id))
     return {"row": label, "variant": variant, **row}
@@ -131,7 +132,8 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                f" --dropout {quality.dropout:g} --weight-decay {quality.weight_decay:g}"
                f" --validate-every {quality.validate_every}"
                + (f" --patience {quality.patience} --validation-users {quality.validation_users}"
-                  if quality.validate_every else ""))
+                  if quality.validate_every else "")
+               + (f" --ema-decay {quality.ema_decay:g}" if quality.ema_decay else ""))
     measured = machine()
     for result in results.values():  # each data set's rows say which run produced them
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))

@@ -115,6 +115,25 @@ def test_validation_selection_keeps_the_best_checked_model():
     assert np.abs(logits - np.asarray(plain.model()(tokens, mask)[0])).max() > 1e-2
 
 
+def test_stages_with_weight_averaging_return_the_average():
+    """With ema_decay the stages return the moving average of the weights, not the last step's."""
+    layout, catalogue, sequences = _setup()
+    settings = RetrievalSettings(model_size="tiny", sft_steps=30, batch_size=16, learning_rate=1e-2, warmup_steps=5,
+                                 max_history=4, ema_decay=0.9)
+    fresh = lambda: Decoder(DECODER_SIZES["tiny"].replace(vocab_size=layout.size), nnx.Rngs(0))  # noqa: E731
+    model, _ = train_stages(fresh(), settings, layout, catalogue, sequences, say=lambda m: None)
+    batches = sft_batches(layout, catalogue, sequences, settings.batch_size, settings.max_history,
+                          settings.buckets(layout), np.random.default_rng(settings.seed))
+    loop = TrainLoop(fresh(), OptimConfig(settings.learning_rate, settings.warmup_steps, settings.sft_steps),
+                     sid_levels=layout.sid_levels, ema_decay=settings.ema_decay)
+    loop.run(batches, settings.sft_steps)
+    tokens = jnp.asarray([history_tokens(layout, catalogue, [0, 1, 2], np.ones(3))])
+    mask = jnp.ones(tokens.shape, bool)
+    logits = np.asarray(model(tokens, mask)[0])
+    np.testing.assert_allclose(logits, np.asarray(loop.averaged_model()(tokens, mask)[0]), atol=1e-5)
+    assert np.abs(logits - np.asarray(loop.model()(tokens, mask)[0])).max() > 1e-3
+
+
 def test_top_k_unseen_skips_seen_and_invalid_items():
     beams = np.array([[4, -1, 2, 7, 1]])
     assert top_k_unseen(beams, [np.array([2])], 3).tolist() == [[4, 7, 1]]

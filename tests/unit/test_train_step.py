@@ -105,6 +105,42 @@ def test_dropout_steps_repeat_by_seed_and_differ_from_plain_steps():
         TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(), dropout=1.0)
 
 
+def _params(model: nnx.Module) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_weight_average_follows_the_decayed_mean_of_the_steps_and_survives_a_state_round_trip():
+    """The average starts at the init and takes each step's weights with the warm-up decay
+    min(d, (1 + n) / (10 + n)); the averaged model is not the live one; a state dict carries it."""
+    batch = _batch()
+    loop = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=20),
+                     ema_decay=0.5)
+    expected = _params(loop.model())
+    for n in range(1, 6):
+        loop.step(batch)
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = [decay * e + (1 - decay) * c for e, c in zip(expected, _params(loop.model()))]
+    averaged = _params(loop.averaged_model())
+    for e, a in zip(expected, averaged):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(a, c) for a, c in zip(averaged, _params(loop.model())))
+
+    saved = loop.state_dict()
+    loop.step(batch)
+    assert any(not np.allclose(a, b) for a, b in zip(_params(loop.averaged_model()), averaged))
+    loop.load_state_dict(saved)
+    for a, b in zip(_params(loop.averaged_model()), averaged):
+        np.testing.assert_array_equal(a, b)
+
+    plain = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=20))
+    plain.step(batch)
+    assert "ema" not in plain.state_dict()
+    for a, b in zip(_params(plain.averaged_model()), _params(plain.model())):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(), ema_decay=1.0)
+
+
 def test_decoding_never_drops():
     """The dropout argument is the only way in: without it the forward pass is deterministic and
     equals the cached decoding path."""
