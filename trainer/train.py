@@ -218,17 +218,21 @@ class TrainLoop:
         return pure
 
     def load_state_dict(self, pure: dict[str, Any]) -> None:
-        """Replace model and optimizer state (and the average, when both keep one) with a
-        checkpoint's (same structure and shapes)."""
+        """Replace model and optimizer state with a checkpoint's (same structure and shapes). A loop
+        that averages takes the checkpoint's average, or starts a new one at its weights when the
+        checkpoint has none (an average of other weights would not belong to them)."""
         pure = dict(pure)
         ema = pure.pop("ema", None)
         state = jax.tree.map(lambda x: x, self.state)
         nnx.replace_by_pure_dict(state, pure)
         self.state = jax.device_put(state, self.state_sharding)
-        if self.ema is not None and ema is not None:
-            averaged = jax.tree.map(lambda x: x, self.ema)
-            nnx.replace_by_pure_dict(averaged, ema)
-            self.ema = jax.device_put(averaged, self.state_sharding[0])
+        if self.ema is not None:
+            if ema is None:
+                self.ema = jax.tree.map(jnp.copy, self.state[0])
+            else:
+                averaged = jax.tree.map(lambda x: x, self.ema)
+                nnx.replace_by_pure_dict(averaged, ema)
+                self.ema = jax.device_put(averaged, self.state_sharding[0])
 
     def model(self) -> nnx.Module:
         """The current model (a view on the trained state)."""

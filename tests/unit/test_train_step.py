@@ -135,6 +135,9 @@ def test_weight_average_follows_the_decayed_mean_of_the_steps_and_survives_a_sta
     plain = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(learning_rate=3e-3, warmup_steps=0, total_steps=20))
     plain.step(batch)
     assert "ema" not in plain.state_dict()
+    loop.load_state_dict(plain.state_dict())  # no average in the checkpoint: a new one at its weights
+    for a, b in zip(_params(loop.averaged_model()), _params(plain.model())):
+        np.testing.assert_array_equal(a, b)
     for a, b in zip(_params(plain.averaged_model()), _params(plain.model())):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="ema_decay"):
