@@ -592,6 +592,11 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=SFT_RECIPE["ema_decay"],
               show_default=True, help="Keep, validate and test a moving average of the PLUM rows' weights with "
                                       "this decay per step (0: the trained weights themselves).")
+@click.option("--beam-width", type=click.IntRange(min=10), default=20, show_default=True,
+              help="Beams of the PLUM rows' constrained search (validation and test); the top 10 are scored.")
+@click.option("--sid-init", type=click.Choice(["random", "codebook"]), default="random", show_default=True,
+              help="Initial embeddings of the PLUM rows' SID code tokens: random, or projected from the SID "
+                   "table's RQ-VAE codebooks (codes close in the tokenizer start close in the model).")
 @click.option("--validation-users", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,
@@ -603,7 +608,7 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple[str, ...], sft_steps: int,
                   cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, learning_rate: float,
                   dropout: float, weight_decay: float, validate_every: int, patience: int, ema_decay: float,
-                  validation_users: int,
+                  beam_width: int, sid_init: str, validation_users: int,
                   sasrec_epochs: int, sid_steps: int | None, output: str | None) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
     CR2) trained on the same split in the same run, with each model's effective vocabulary."""
@@ -611,7 +616,7 @@ def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple
 
     run(_config(ctx), QualityRun(datasets, variants, sft_steps, cpt_steps, model_size, keep_layers, batch_size,
                                  sasrec_epochs, sid_steps, learning_rate, dropout, weight_decay, validate_every,
-                                 patience, validation_users, ema_decay), output)
+                                 patience, validation_users, ema_decay, beam_width, sid_init), output)
 
 
 @bench.command("train")

@@ -53,12 +53,18 @@ class RetrievalSettings:
     validation_users: int = 1000
     patience: int = 3
     ema_decay: float = 0.0  # > 0: the stages keep, validate and return a moving average of the weights
+    # Embedding rows of the SID code tokens: "random" as every other new row, or "codebook": each
+    # level's RQ-VAE codebook vectors (centred, fixed random projection to the model width, scaled
+    # to the init's 0.02), so codes the tokenizer placed near each other start near each other.
+    sid_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.init not in ("random", "smollm2"):
             raise ValueError(f"init must be 'random' or 'smollm2', got {self.init!r}")
         if self.init == "random" and self.model_size not in DECODER_SIZES:
             raise ValueError(f"unknown model size {self.model_size!r}; known: {', '.join(DECODER_SIZES)}")
+        if self.sid_init not in ("random", "codebook"):
+            raise ValueError(f"sid_init must be 'random' or 'codebook', got {self.sid_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -93,10 +99,43 @@ def sid_trie(layout: VocabLayout, catalogue: Catalogue) -> SIDTrie:
     return SIDTrie([tuple(row) for row in catalogue.item_sids.tolist()], ranges)
 
 
+def codebook_rows(codebooks: Sequence[np.ndarray], dim: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
+    """Embedding rows for the SID code tokens, level after level, from the RQ-VAE codebooks
+    ([codes, latent] per level): each level centred, projected to `dim` by one fixed Gaussian map
+    (distances kept up to a common factor), then scaled so its entries have standard deviation
+    `scale`. Returns [sum of codebook sizes, dim] float32."""
+    if not codebooks:
+        raise ValueError("no codebooks to initialise SID rows from")
+    latent = codebooks[0].shape[1]
+    if any(c.ndim != 2 or c.shape[1] != latent for c in codebooks):
+        raise ValueError("codebooks must be [codes, latent] with one latent width")
+    projection = np.random.default_rng(seed).normal(size=(latent, dim))
+    rows = []
+    for codebook in codebooks:
+        centred = np.asarray(codebook, np.float64) - np.mean(codebook, axis=0)
+        level = centred @ projection
+        rows.append(level * scale / max(float(np.std(level)), 1e-12))
+    return np.concatenate(rows).astype(np.float32)
+
+
 def init_model(settings: RetrievalSettings, layout: VocabLayout, gguf_path: Path | None = None,
-               bos_eos: tuple[int, int] | None = None) -> Decoder:
+               bos_eos: tuple[int, int] | None = None, codebooks: Sequence[np.ndarray] | None = None) -> Decoder:
     """A decoder over `layout`: random init of a named size, or SmolLM2's first `keep_layers` layers
-    with its embedding rows for the layout's text tokens (and BOS/EOS), new rows as warm_start does."""
+    with its embedding rows for the layout's text tokens (and BOS/EOS), new rows as warm_start does.
+    With settings.sid_init == "codebook" the SID code rows come from `codebooks` (`codebook_rows`)."""
+    model = _init_weights(settings, layout, gguf_path, bos_eos)
+    if settings.sid_init == "codebook":
+        if codebooks is None or tuple(len(c) for c in codebooks) != layout.codebook_sizes:
+            raise ValueError(f"sid_init 'codebook' needs one codebook per SID level of sizes {layout.codebook_sizes}")
+        table = model.embed.embedding[...]
+        start = layout.sid_offsets[0]
+        rows = codebook_rows(codebooks, table.shape[1], settings.seed)
+        model.embed.embedding[...] = table.at[start:start + len(rows)].set(jnp.asarray(rows, table.dtype))
+    return model
+
+
+def _init_weights(settings: RetrievalSettings, layout: VocabLayout, gguf_path: Path | None,
+                  bos_eos: tuple[int, int] | None) -> Decoder:
     rngs = nnx.Rngs(settings.seed)
     if settings.init == "random":
         return Decoder(DECODER_SIZES[settings.model_size].replace(vocab_size=layout.size), rngs)

@@ -9,7 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import click
 import numpy as np
@@ -114,10 +114,11 @@ def test_sample(data: ProtocolData, users: int | None) -> tuple[EvalSet, list[li
 
 def retrieval_row(settings: RetrievalSettings, layout: VocabLayout, catalogue: Catalogue, data: ProtocolData,
                   gguf: Path | None = None, bos_eos: tuple[int, int] | None = None, eval_users: int | None = None,
-                  invalid_rate_users: int = 1000) -> dict[str, Any]:
-    """Train (CPT if asked, then SFT) and evaluate on the test users; settings, metrics and timings."""
+                  invalid_rate_users: int = 1000, codebooks: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+    """Train (CPT if asked, then SFT) and evaluate on the test users; settings, metrics and timings.
+    `codebooks`: the SID table's RQ-VAE codebooks, for settings.sid_init == "codebook"."""
     started = time.monotonic()
-    model = init_model(settings, layout, gguf, bos_eos)
+    model = init_model(settings, layout, gguf, bos_eos, codebooks)
     validation = Validation(data.split.valid, data.valid_rewards)
     model, histories = train_stages(model, settings, layout, catalogue, data.train, say=click.echo,
                                     validation=validation)

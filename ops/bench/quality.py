@@ -27,6 +27,7 @@ from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_rea
                               write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
+from tokenizer.sid_table import load_params
 from tokenizer.text_encoder import TextEncoder
 from trainer.retrieval import RetrievalSettings, make_catalogue, text_vocabulary
 from trainer.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
@@ -60,6 +61,8 @@ class QualityRun:
     patience: int = 3
     validation_users: int = 1000
     ema_decay: float = 0.0
+    beam_width: int = 20
+    sid_init: str = "random"
 
 
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
@@ -70,6 +73,8 @@ def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokeniz
     settings = cfg.tokenizer if run.sid_steps is None else cfg.tokenizer.model_copy(update={"steps": run.sid_steps})
     with tempfile.TemporaryDirectory() as tmp:
         table, _ = fit_sids(Path(tmp), catalogue, data.train_pairs, encoder, settings, say=lambda m: None)
+        params = load_params(Path(tmp), table.version)
+    codebooks = [params[f"codebooks/{level}"] for level in range(table.levels)]
     item_ids = data.sequences.item_ids
     sids = np.array([table.sid(str(i)) for i in item_ids], np.int64)
     titles = [tokenizer.encode(str(t)) if t else [] for t in items.set_index("item_id").loc[item_ids, "title"]]
@@ -78,7 +83,7 @@ def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokeniz
                f"SID uniqueness before suffix {table.metrics['uniqueness_before_suffix']:.3f}, "
                f"vocabulary {layout.size:,} tokens ({len(layout.text_ids):,} text)")
     return {"data": data, "layout": layout, "catalogue": make_catalogue(layout, sids, titles),
-            "sid_metrics": table.metrics}
+            "sid_metrics": table.metrics, "codebooks": codebooks}
 
 
 def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer
@@ -89,9 +94,10 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
                                  batch_size=run.batch_size, max_history=MAX_HISTORY, learning_rate=run.learning_rate,
                                  dropout=run.dropout, weight_decay=run.weight_decay,
                                  validate_every=run.validate_every, patience=run.patience,
-                                 validation_users=run.validation_users, ema_decay=run.ema_decay)
+                                 validation_users=run.validation_users, ema_decay=run.ema_decay,
+                                 beam_width=run.beam_width, sid_init=run.sid_init)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
-                        (tokenizer.bos_id, tokenizer.eos_id))
+                        (tokenizer.bos_id, tokenizer.eos_id), codebooks=prepared["codebooks"])
     return {"row": label, "variant": variant, **row}
 
 
@@ -133,7 +139,9 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                f" --validate-every {quality.validate_every}"
                + (f" --patience {quality.patience} --validation-users {quality.validation_users}"
                   if quality.validate_every else "")
-               + (f" --ema-decay {quality.ema_decay:g}" if quality.ema_decay else ""))
+               + (f" --ema-decay {quality.ema_decay:g}" if quality.ema_decay else "")
+               + (f" --beam-width {quality.beam_width}" if quality.beam_width != QualityRun.beam_width else "")
+               + (f" --sid-init {quality.sid_init}" if quality.sid_init != QualityRun.sid_init else ""))
     measured = machine()
     for result in results.values():  # each data set's rows say which run produced them
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))

@@ -16,7 +16,8 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(cli, ["bench", "quality", "--dataset", "movielens-100k", "--variant", "sasrec",
                                       "--variant", "r1", "--sft-steps", "3", "--sid-steps", "30",
-                                      "--sasrec-epochs", "2", "--output", str(out)])
+                                      "--sasrec-epochs", "2", "--beam-width", "12", "--sid-init", "codebook",
+                                      "--output", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["datasets"]["movielens-100k"]["rows"]
@@ -28,6 +29,8 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     assert [c["step"] for c in rows[1]["validation"][:-1]] == [3]
     assert rows[1]["validation"][-1]["selected_step"] == 3
     assert report["datasets"]["movielens-100k"]["command"] == report["command"]  # each data set's provenance
+    assert rows[1]["settings"]["beam_width"] == 12 and "--beam-width 12" in report["command"]
+    assert rows[1]["settings"]["sid_init"] == "codebook" and "--sid-init codebook" in report["command"]
 
 
 def test_the_default_result_keeps_the_data_sets_a_run_did_not_train(tmp_path):

@@ -13,7 +13,8 @@ from trainer.data import RewardedSequences, history_tokens, sft_batches
 from trainer.evaluate import EvalSet
 from trainer.model import DECODER_SIZES, Decoder
 from trainer.retrieval import (
-    Recommender, RetrievalSettings, Validation, evaluate, make_catalogue, top_k_unseen, train_stages,
+    Recommender, RetrievalSettings, Validation, codebook_rows, evaluate, init_model, make_catalogue, top_k_unseen,
+    train_stages,
 )
 from trainer.train import OptimConfig, TrainLoop
 from trainer.vocab import VocabLayout
@@ -138,3 +139,28 @@ def test_top_k_unseen_skips_seen_and_invalid_items():
     beams = np.array([[4, -1, 2, 7, 1]])
     assert top_k_unseen(beams, [np.array([2])], 3).tolist() == [[4, 7, 1]]
     assert top_k_unseen(beams, None, 6).tolist() == [[4, 2, 7, 1, -1, -1]]
+
+
+def test_codebook_init_places_each_levels_codebook_geometry_in_the_sid_rows():
+    """sid_init="codebook": the SID code rows are the codebooks projected to the model width, so
+    distances between codes of a level keep their order; other rows stay as the random init."""
+    layout, _, _ = _setup()
+    rng = np.random.default_rng(1)
+    codebooks = [rng.normal(size=(6, 8)) for _ in layout.codebook_sizes]
+    codebooks[0][3] = codebooks[0][2] + 1e-3  # two near-identical codes of level 0
+    random = init_model(RetrievalSettings(model_size="tiny"), layout)
+    model = init_model(RetrievalSettings(model_size="tiny", sid_init="codebook"), layout, codebooks=codebooks)
+    table, before = np.asarray(model.embed.embedding[...]), np.asarray(random.embed.embedding[...])
+    lo = layout.sid_offsets[0]
+    rows = table[lo:lo + 12]
+    np.testing.assert_allclose(rows, codebook_rows(codebooks, table.shape[1]), atol=1e-6)
+    np.testing.assert_allclose(np.delete(table, np.arange(lo, lo + 12), 0), np.delete(before, np.arange(lo, lo + 12), 0))
+    for level, codebook in enumerate(codebooks):
+        part = rows[6 * level:6 * level + 6]
+        assert abs(part.std() - 0.02) < 1e-4
+        near = np.linalg.norm(codebook[:, None] - codebook[None], axis=-1)[np.triu_indices(6, 1)]
+        far = np.linalg.norm(part[:, None] - part[None], axis=-1)[np.triu_indices(6, 1)]
+        assert np.corrcoef(near, far)[0, 1] > 0.9
+    assert np.linalg.norm(rows[2] - rows[3]) < 0.05 * np.linalg.norm(rows[2] - rows[4])
+    with pytest.raises(ValueError, match="one codebook per SID level"):
+        init_model(RetrievalSettings(model_size="tiny", sid_init="codebook"), layout, codebooks=codebooks[:1])
