@@ -13,6 +13,7 @@ the pipeline's state store over the training part of the split only, so no test 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
+from ops.bench.report import (RESULTS_DIR, machine, update_readme_table, with_earlier_datasets,
                               write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
@@ -143,9 +144,12 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                + (f" --beam-width {quality.beam_width}" if quality.beam_width != QualityRun.beam_width else "")
                + (f" --sid-init {quality.sid_init}" if quality.sid_init != QualityRun.sid_init else ""))
     measured = machine()
-    for result in results.values():  # each data set's rows say which run produced them
+    for result in results.values():  # each data set and row says which run produced it
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))
+        for row in result["rows"]:
+            row.update(command=command, machine=measured)
     if output is None:
+        results = with_earlier_rows(RESULTS_DIR / "quality.json", results)
         results = with_earlier_datasets(RESULTS_DIR / "quality.json", results, ("command", "machine", "run"))
     report = {"benchmark": "quality", "command": command, "machine": measured,
               "run": dataclasses.asdict(quality), "datasets": results,
@@ -159,6 +163,27 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
     return report
 
 
+def with_earlier_rows(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """This run's data sets plus the earlier result file's rows of variants the run did not train on
+    them (a Beauty row can take an hour here, so rows are measured over several runs); each kept row
+    keeps the command and machine of its run. Rows in the order SASRec, R1, CR1, CR2."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    order = ["sasrec", *VARIANTS]
+    merged = {}
+    for name, result in results.items():
+        before = earlier.get("datasets", {}).get(name, {})
+        trained = {row["variant"] for row in result["rows"]}
+        kept = [{"command": before.get("command") or earlier.get("command"),
+                 "machine": before.get("machine") or earlier.get("machine"), **row}
+                for row in before.get("rows", []) if row.get("variant") not in trained]
+        rows = sorted([*result["rows"], *kept], key=lambda r: order.index(r["variant"]))
+        merged[name] = {**result, "rows": rows}
+    return merged
+
+
 def readme_table(report: dict[str, Any]) -> str:
     lines = ["| data set | model | Recall@5 | Recall@10 | NDCG@5 | NDCG@10 | effective vocabulary | training (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -168,6 +193,13 @@ def readme_table(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['row']} | {m['recall@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@5']:.4f} | "
                          f"{m['ndcg@10']:.4f} | {m.get('effective_vocabulary', '')} | {row['train_seconds']:.0f} |")
     lines.append("")
-    lines += provenance_lines(report)
+    for name, result in report["datasets"].items():  # which run measured which rows
+        runs: dict[tuple[str, str, str], list[str]] = {}
+        for row in result["rows"]:
+            run = row.get("machine") or result.get("machine") or report["machine"]
+            key = (run["measured_at"], run["commit"], row.get("command") or result.get("command") or report["command"])
+            runs.setdefault(key, []).append(row["row"])
+        for (when, commit, command), rows in runs.items():
+            lines.append(f"{name}, {'; '.join(rows)}: measured {when} (commit {commit}) with `{command}`.")
     lines.append("Settings per row in ops/bench/results/quality.json.")
     return "\n".join(lines) + "\n"

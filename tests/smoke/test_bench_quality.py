@@ -33,24 +33,35 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     assert rows[1]["settings"]["sid_init"] == "codebook" and "--sid-init codebook" in report["command"]
 
 
-def test_the_default_result_keeps_the_data_sets_a_run_did_not_train(tmp_path):
-    from ops.bench.quality import readme_table
+def test_the_default_result_keeps_the_rows_and_data_sets_a_run_did_not_train(tmp_path):
+    from ops.bench.quality import readme_table, with_earlier_rows
     from ops.bench.report import with_earlier_datasets
 
     earlier = tmp_path / "quality.json"
-    row = {"row": "SASRec", "metrics": {"recall@5": .1, "recall@10": .2, "ndcg@5": .05, "ndcg@10": .08}, "train_seconds": 9}
+    metrics = {"recall@5": .1, "recall@10": .2, "ndcg@5": .05, "ndcg@10": .08}
+    sasrec = {"row": "SASRec", "variant": "sasrec", "metrics": metrics, "train_seconds": 9}
+    r1 = {"row": "PLUM R1", "variant": "r1", "metrics": {**metrics, "recall@10": .3}, "train_seconds": 99}
     old_run = {"measured_at": "2026-01-01T00:00:00+00:00", "commit": "aaa"}
-    earlier.write_text(json.dumps({"command": "plum bench quality --dataset amazon-beauty --dataset movielens-100k",
-                                   "machine": old_run, "run": {"sft_steps": 1},
-                                   "datasets": {"amazon-beauty": {"rows": [row]}, "movielens-100k": {"rows": [row]}}}))
+    old_command = "plum bench quality --dataset amazon-beauty --dataset movielens-100k"
+    earlier.write_text(json.dumps({"command": old_command, "machine": old_run, "run": {"sft_steps": 1},
+                                   "datasets": {"amazon-beauty": {"rows": [sasrec, r1]},
+                                                "movielens-100k": {"rows": [sasrec, r1]}}}))
     new_run = {"measured_at": "2026-02-01T00:00:00+00:00", "commit": "bbb"}
-    fresh = {"amazon-beauty": {"rows": [row], "command": "plum bench quality --dataset amazon-beauty", "machine": new_run}}
-    merged = with_earlier_datasets(earlier, fresh, ("command", "machine", "run"))
+    command = "plum bench quality --dataset amazon-beauty --variant cr1 --variant sasrec"
+    fresh_rows = [{**row, "command": command, "machine": new_run} for row in
+                  ({"row": "PLUM CR1", "variant": "cr1", "metrics": metrics, "train_seconds": 5}, sasrec)]
+    fresh = {"amazon-beauty": {"rows": fresh_rows, "command": command, "machine": new_run}}
+    merged = with_earlier_datasets(earlier, with_earlier_rows(earlier, fresh), ("command", "machine", "run"))
     assert list(merged) == ["movielens-100k", "amazon-beauty"]  # the known data sets' order
-    assert merged["amazon-beauty"] == fresh["amazon-beauty"] and merged["movielens-100k"]["run"] == {"sft_steps": 1}
-    table = readme_table({"command": "plum bench quality --dataset amazon-beauty", "machine": new_run, "datasets": merged})
-    assert ("amazon-beauty: measured 2026-02-01T00:00:00+00:00 (commit bbb) with "
-            "`plum bench quality --dataset amazon-beauty`") in table
-    assert ("movielens-100k: measured 2026-01-01T00:00:00+00:00 (commit aaa) with "
-            "`plum bench quality --dataset amazon-beauty --dataset movielens-100k`") in table
+    beauty = merged["amazon-beauty"]["rows"]
+    assert [r["variant"] for r in beauty] == ["sasrec", "r1", "cr1"]  # this run's SASRec, the earlier R1
+    assert beauty[0]["machine"] == new_run and beauty[1]["machine"] == old_run
+    assert beauty[1]["command"] == old_command and beauty[1]["metrics"]["recall@10"] == .3
+    assert merged["movielens-100k"]["run"] == {"sft_steps": 1}
+    table = readme_table({"command": command, "machine": new_run, "datasets": merged})
+    assert f"amazon-beauty, SASRec; PLUM CR1: measured 2026-02-01T00:00:00+00:00 (commit bbb) with `{command}`." in table
+    assert f"amazon-beauty, PLUM R1: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `{old_command}`." in table
+    assert f"movielens-100k, SASRec; PLUM R1: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `{old_command}`." in table
     assert with_earlier_datasets(tmp_path / "missing.json", fresh, ("command",)) == fresh
+    alone = with_earlier_rows(tmp_path / "missing.json", fresh)["amazon-beauty"]["rows"]
+    assert [r["variant"] for r in alone] == ["sasrec", "cr1"]  # nothing earlier: this run's rows, in order
