@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_INIT = nnx.initializers.normal(0.02)
+INIT_STD = 0.02  # standard deviation of every randomly initialised weight
+_INIT = nnx.initializers.normal(INIT_STD)
 # A large finite negative rather than -inf: a padded query that sees no real key then gets a
 # uniform (unused) softmax instead of NaNs that could leak into gradients.
 _MASKED = -1e30

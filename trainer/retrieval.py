@@ -21,7 +21,7 @@ from flax import nnx
 from trainer.data import Catalogue, RewardedSequences, cpt_batches, history_tokens, left_pad, prefix_length, sft_batches
 from trainer.decoding import BeamResult, BeamSteps, SIDTrie, beam_search, invalid_share
 from trainer.evaluate import EvalSet, effective_vocabulary, rank_metrics
-from trainer.model import DECODER_SIZES, Decoder
+from trainer.model import DECODER_SIZES, INIT_STD, Decoder
 from trainer.train import OptimConfig, TrainLoop
 from trainer.vocab import BOS, EOS, VocabLayout
 
@@ -99,7 +99,7 @@ def sid_trie(layout: VocabLayout, catalogue: Catalogue) -> SIDTrie:
     return SIDTrie([tuple(row) for row in catalogue.item_sids.tolist()], ranges)
 
 
-def codebook_rows(codebooks: Sequence[np.ndarray], dim: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
+def codebook_rows(codebooks: Sequence[np.ndarray], dim: int, seed: int = 0, scale: float = INIT_STD) -> np.ndarray:
     """Embedding rows for the SID code tokens, level after level, from the RQ-VAE codebooks
     ([codes, latent] per level): each level centred, projected to `dim` by one fixed Gaussian map
     (distances kept up to a common factor), then scaled so its entries have standard deviation

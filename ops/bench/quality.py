@@ -24,7 +24,7 @@ import numpy as np
 
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import (RESULTS_DIR, machine, update_readme_table, with_earlier_datasets,
+from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
                               write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
@@ -193,13 +193,6 @@ def readme_table(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['row']} | {m['recall@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@5']:.4f} | "
                          f"{m['ndcg@10']:.4f} | {m.get('effective_vocabulary', '')} | {row['train_seconds']:.0f} |")
     lines.append("")
-    for name, result in report["datasets"].items():  # which run measured which rows
-        runs: dict[tuple[str, str, str], list[str]] = {}
-        for row in result["rows"]:
-            run = row.get("machine") or result.get("machine") or report["machine"]
-            key = (run["measured_at"], run["commit"], row.get("command") or result.get("command") or report["command"])
-            runs.setdefault(key, []).append(row["row"])
-        for (when, commit, command), rows in runs.items():
-            lines.append(f"{name}, {'; '.join(rows)}: measured {when} (commit {commit}) with `{command}`.")
+    lines += provenance_lines(report, by_row=True)
     lines.append("Settings per row in ops/bench/results/quality.json.")
     return "\n".join(lines) + "\n"

@@ -54,14 +54,20 @@ def with_earlier_datasets(path: Path, results: dict[str, Any], keys: tuple[str, 
     return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def provenance_lines(report: dict[str, Any]) -> list[str]:
-    """One README line per data set of a merged report: when, at which commit and with which command
-    its rows were measured."""
+def provenance_lines(report: dict[str, Any], by_row: bool = False) -> list[str]:
+    """README lines saying when, at which commit and with which command a merged report's figures
+    were measured: one per data set, or with `by_row` one per run that measured some of a data
+    set's rows (each row then carries its own command and machine)."""
     lines = []
     for name, result in report["datasets"].items():
-        run = result.get("machine") or report["machine"]
-        lines.append(f"{name}: measured {run['measured_at']} (commit {run['commit']}) with "
-                     f"`{result.get('command') or report['command']}`.")
+        runs: dict[tuple[str, str, str], list[str]] = {}
+        for row in result["rows"] if by_row else [result]:
+            run = row.get("machine") or result.get("machine") or report["machine"]
+            key = (run["measured_at"], run["commit"], row.get("command") or result.get("command") or report["command"])
+            runs.setdefault(key, []).append(row["row"] if by_row else "")
+        for (when, commit, command), rows in runs.items():
+            label = f"{name}, {'; '.join(rows)}" if by_row else name
+            lines.append(f"{label}: measured {when} (commit {commit}) with `{command}`.")
     return lines
 
 
