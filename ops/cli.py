@@ -554,16 +554,19 @@ def bench_freshness(ctx: click.Context, output: str | None, **sizes: Any) -> Non
                    "dropout, weight decay, the best validation check kept) and report test Recall@10 (0: skip).")
 @click.option("--recall-users", type=click.IntRange(min=1), default=None,
               help="Evaluate the Recall@10 column on the first N test users (default: all).")
+@click.option("--row", "rows", multiple=True, type=click.IntRange(min=1, max=5),
+              help="Measure only this row (1 SIDv1 ... 5 SID-v2; repeatable); the default result file keeps "
+                   "the other rows from the runs that measured them.  [default: every row]")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/sid.json, which also updates the README table).")
 @click.pass_context
 def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, recall_steps: int,
-              recall_users: int | None, output: str | None) -> None:
+              recall_users: int | None, rows: tuple[int, ...], output: str | None) -> None:
     """The SID-v2 ablation: SIDv1 (plain RQ-VAE on text), then multi-resolution, progressive masking,
     multi-modal fusion and co-occurrence in turn; uniqueness, utilisation, shared first codes."""
     from ops.bench.sid import run
 
-    run(_config(ctx), datasets, steps, output, recall_steps, recall_users)
+    run(_config(ctx), datasets, steps, output, recall_steps, recall_users, rows)
 
 
 @bench.command("quality")

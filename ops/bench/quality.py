@@ -13,7 +13,6 @@ the pipeline's state store over the training part of the split only, so no test 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
 from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
-                              write_result)
+                              with_earlier_rows, write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.sid_table import load_params
@@ -149,7 +148,7 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
         for row in result["rows"]:
             row.update(command=command, machine=measured)
     if output is None:
-        results = with_earlier_rows(RESULTS_DIR / "quality.json", results)
+        results = with_earlier_rows(RESULTS_DIR / "quality.json", results, "variant", ["sasrec", *VARIANTS])
         results = with_earlier_datasets(RESULTS_DIR / "quality.json", results, ("command", "machine", "run"))
     report = {"benchmark": "quality", "command": command, "machine": measured,
               "run": dataclasses.asdict(quality), "datasets": results,
@@ -161,27 +160,6 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
         update_readme_table("quality", readme_table(report))
     click.echo(f"bench quality: wrote {path}")
     return report
-
-
-def with_earlier_rows(path: Path, results: dict[str, Any]) -> dict[str, Any]:
-    """This run's data sets plus the earlier result file's rows of variants the run did not train on
-    them (a Beauty row can take an hour here, so rows are measured over several runs); each kept row
-    keeps the command and machine of its run. Rows in the order SASRec, R1, CR1, CR2."""
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        earlier = {}
-    order = ["sasrec", *VARIANTS]
-    merged = {}
-    for name, result in results.items():
-        before = earlier.get("datasets", {}).get(name, {})
-        trained = {row["variant"] for row in result["rows"]}
-        kept = [{"command": before.get("command") or earlier.get("command"),
-                 "machine": before.get("machine") or earlier.get("machine"), **row}
-                for row in before.get("rows", []) if row.get("variant") not in trained]
-        rows = sorted([*result["rows"], *kept], key=lambda r: order.index(r["variant"]))
-        merged[name] = {**result, "rows": rows}
-    return merged
 
 
 def readme_table(report: dict[str, Any]) -> str:

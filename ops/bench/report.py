@@ -54,10 +54,32 @@ def with_earlier_datasets(path: Path, results: dict[str, Any], keys: tuple[str, 
     return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def with_earlier_rows(path: Path, results: dict[str, Any], key: str, order: list[str],
+                      keys: tuple[str, ...] = ("command", "machine")) -> dict[str, Any]:
+    """This run's data sets plus the earlier result file's rows that the run did not measure on them
+    (rows told apart by row[key]; one row can take most of a session here, so a table is filled over
+    several runs). A kept row keeps the `keys` of its own run (its data set's or the file's where the
+    row has none). Rows in `order` of their key."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    merged = {}
+    for name, result in results.items():
+        before = earlier.get("datasets", {}).get(name, {})
+        measured = {row[key] for row in result["rows"]}
+        kept = [{**{k: before.get(k, earlier.get(k)) for k in keys}, **row}
+                for row in before.get("rows", []) if row.get(key) in order and row.get(key) not in measured]
+        rows = sorted([*result["rows"], *kept], key=lambda r: order.index(r[key]))
+        merged[name] = {**result, "rows": rows}
+    return merged
+
+
 def provenance_lines(report: dict[str, Any], by_row: bool = False) -> list[str]:
     """README lines saying when, at which commit and with which command a merged report's figures
     were measured: one per data set, or with `by_row` one per run that measured some of a data
-    set's rows (each row then carries its own command and machine)."""
+    set's rows (each row then carries its own command and machine), naming the rows where a data
+    set's rows come from more than one run."""
     lines = []
     for name, result in report["datasets"].items():
         runs: dict[tuple[str, str, str], list[str]] = {}
@@ -66,7 +88,7 @@ def provenance_lines(report: dict[str, Any], by_row: bool = False) -> list[str]:
             key = (run["measured_at"], run["commit"], row.get("command") or result.get("command") or report["command"])
             runs.setdefault(key, []).append(row["row"] if by_row else "")
         for (when, commit, command), rows in runs.items():
-            label = f"{name}, {'; '.join(rows)}" if by_row else name
+            label = f"{name}, {'; '.join(rows)}" if len(runs) > 1 else name
             lines.append(f"{label}: measured {when} (commit {commit}) with `{command}`.")
     return lines
 

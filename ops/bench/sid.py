@@ -24,7 +24,7 @@ from ops.assets import fetch_asset
 from ops.bench import SFT_RECIPE
 from ops.bench.protocol import ProtocolData, catalogue_frame, cooccurrences, prepare, retrieval_row
 from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
-                              write_result)
+                              with_earlier_rows, write_result)
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from tokenizer.config import TokenizeSettings
@@ -72,7 +72,8 @@ def recall_row(data: ProtocolData, item_ids: tuple[str, ...], codes: np.ndarray,
 
 
 def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder: TextEncoder, recall_steps: int = 0,
-                recall_users: int | None = None) -> dict[str, Any]:
+                recall_users: int | None = None, rows: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The ablation rows of one data set: `rows` (1-based indices into ROWS), or every row."""
     data = prepare(name, cfg) if recall_steps else None
     ds = data.dataset if data else load_dataset(name, Path(cfg.paths.data_dir), Path(cfg.paths.cache_dir))
     catalogue = catalogue_frame(ds)
@@ -86,8 +87,8 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
                f"twice{' in the training split' if data else ''} ({time.monotonic() - started:.0f} s)")
     vocabulary = MetadataVocabulary.fit([list(t) for t in catalogue["tags"]], release_years(list(catalogue["published_at"])),
                                         settings.max_tags)
-    rows = []
-    for label, modalities, flags in ROWS:
+    results = []
+    for label, modalities, flags in [ROWS[k - 1] for k in sorted(set(rows))] if rows else ROWS:
         content = catalogue_content(catalogue, strong, encoder, modalities, vocabulary, settings.collaborative_dim)
         index = {item: k for k, item in enumerate(content.item_ids)}
         pair_index = np.array([(index[a], index[b]) for a, b, _ in strong], np.int64).reshape(-1, 2)
@@ -111,29 +112,40 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
         }
         if data is not None:
             row["retrieval"] = recall_row(data, content.item_ids, codes, rq.level_sizes, recall_steps, recall_users)
-        rows.append(row)
+        results.append(row)
         click.echo(f"bench sid: {name}: {label}: uniqueness {row['uniqueness_before_suffix']:.3f}, utilisation "
                    + "/".join(f"{u:.2f}" for u in row["utilisation"])
                    + f", co-occurring pairs share code-1 {same:.3f} (random {base:.3f})"
                    + (f", R1 Recall@10 {row['retrieval']['metrics']['recall@10']:.4f}" if data else ""))
-    return {"items": len(catalogue), "cooccurring_pairs": len(strong), "rows": rows,
+    return {"items": len(catalogue), "cooccurring_pairs": len(strong), "rows": results,
             "cooccurrences_from": "training part of the leave-one-out split" if data else "every event"}
 
 
 def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: str | None, recall_steps: int = 0,
-        recall_users: int | None = None) -> dict[str, Any]:
+        recall_users: int | None = None, rows: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The ablation on `datasets`; `rows` (1-based) measures only those rows, and the default result
+    file then keeps the other rows from the runs that measured them (a Beauty row with its Recall@10
+    takes most of an hour here)."""
+    if any(not 1 <= k <= len(ROWS) for k in rows):
+        raise click.BadParameter(f"rows are numbered 1 to {len(ROWS)}", param_hint="--row")
     settings = cfg.tokenizer if steps is None else cfg.tokenizer.model_copy(update={"steps": steps})
     encoder = TextEncoder(fetch_asset("minilm", Path(cfg.paths.cache_dir)),
                           cache_path=Path(cfg.paths.cache_dir) / "text_embeddings.db")
-    results = {name: run_dataset(name, cfg, settings, encoder, recall_steps, recall_users) for name in datasets}
+    results = {name: run_dataset(name, cfg, settings, encoder, recall_steps, recall_users, rows) for name in datasets}
     command = (f"plum bench sid --steps {settings.steps}" + "".join(f" --dataset {d}" for d in datasets)
+               + "".join(f" --row {k}" for k in sorted(set(rows)))
                + (f" --recall-steps {recall_steps}" if recall_steps else "")
                + (f" --recall-users {recall_users}" if recall_users else ""))
     measured = machine()
-    for result in results.values():  # each data set's rows say which run produced them
-        result.update(command=command, machine=measured, settings=settings.model_dump(mode="json"))
+    provenance = {"command": command, "machine": measured, "settings": settings.model_dump(mode="json")}
+    for result in results.values():  # each data set and row says which run produced it
+        result.update(provenance)
+        for row in result["rows"]:
+            row.update(provenance, cooccurrences_from=result["cooccurrences_from"])
     if output is None:
-        results = with_earlier_datasets(RESULTS_DIR / "sid.json", results, ("command", "machine", "settings"))
+        keys = ("command", "machine", "settings", "cooccurrences_from")
+        results = with_earlier_rows(RESULTS_DIR / "sid.json", results, "row", [label for label, _, _ in ROWS], keys)
+        results = with_earlier_datasets(RESULTS_DIR / "sid.json", results, keys)
     report = {"benchmark": "sid", "command": command, "machine": measured,
               "settings": settings.model_dump(mode="json"), "datasets": results,
               "targets": {"sid_v2_uniqueness_before_suffix": ">= 0.95", "every_level_utilisation": ">= 0.5"}}
@@ -158,6 +170,6 @@ def readme_table(report: dict[str, Any]) -> str:
                          + f" | {row['cooccurring_pairs_sharing_first_code']:.3f} / "
                            f"{row['random_pairs_sharing_first_code']:.3f} | {_recall(row)} |")
     lines.append("")
-    lines += provenance_lines(report)
+    lines += provenance_lines(report, by_row=True)
     lines.append("Each row's codebook sizes and flags are in ops/bench/results/sid.json.")
     return "\n".join(lines) + "\n"

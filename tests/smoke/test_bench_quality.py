@@ -34,8 +34,10 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
 
 
 def test_the_default_result_keeps_the_rows_and_data_sets_a_run_did_not_train(tmp_path):
-    from ops.bench.quality import readme_table, with_earlier_rows
-    from ops.bench.report import with_earlier_datasets
+    from ops.bench.quality import VARIANTS, readme_table
+    from ops.bench.report import with_earlier_datasets, with_earlier_rows
+
+    order = ["sasrec", *VARIANTS]
 
     earlier = tmp_path / "quality.json"
     metrics = {"recall@5": .1, "recall@10": .2, "ndcg@5": .05, "ndcg@10": .08}
@@ -51,7 +53,8 @@ def test_the_default_result_keeps_the_rows_and_data_sets_a_run_did_not_train(tmp
     fresh_rows = [{**row, "command": command, "machine": new_run} for row in
                   ({"row": "PLUM CR1", "variant": "cr1", "metrics": metrics, "train_seconds": 5}, sasrec)]
     fresh = {"amazon-beauty": {"rows": fresh_rows, "command": command, "machine": new_run}}
-    merged = with_earlier_datasets(earlier, with_earlier_rows(earlier, fresh), ("command", "machine", "run"))
+    rows_merged = with_earlier_rows(earlier, fresh, "variant", order)
+    merged = with_earlier_datasets(earlier, rows_merged, ("command", "machine", "run"))
     assert list(merged) == ["movielens-100k", "amazon-beauty"]  # the known data sets' order
     beauty = merged["amazon-beauty"]["rows"]
     assert [r["variant"] for r in beauty] == ["sasrec", "r1", "cr1"]  # this run's SASRec, the earlier R1
@@ -61,7 +64,7 @@ def test_the_default_result_keeps_the_rows_and_data_sets_a_run_did_not_train(tmp
     table = readme_table({"command": command, "machine": new_run, "datasets": merged})
     assert f"amazon-beauty, SASRec; PLUM CR1: measured 2026-02-01T00:00:00+00:00 (commit bbb) with `{command}`." in table
     assert f"amazon-beauty, PLUM R1: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `{old_command}`." in table
-    assert f"movielens-100k, SASRec; PLUM R1: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `{old_command}`." in table
+    assert f"movielens-100k: measured 2026-01-01T00:00:00+00:00 (commit aaa) with `{old_command}`." in table
     assert with_earlier_datasets(tmp_path / "missing.json", fresh, ("command",)) == fresh
-    alone = with_earlier_rows(tmp_path / "missing.json", fresh)["amazon-beauty"]["rows"]
+    alone = with_earlier_rows(tmp_path / "missing.json", fresh, "variant", order)["amazon-beauty"]["rows"]
     assert [r["variant"] for r in alone] == ["sasrec", "cr1"]  # nothing earlier: this run's rows, in order
