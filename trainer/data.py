@@ -188,22 +188,45 @@ def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSe
 def cpt_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
                 max_history: int, buckets: Sequence[int], rng: np.random.Generator,
                 behaviour_share: float = 0.5) -> Iterator[dict[str, np.ndarray]]:
-    """Endless CPT batches: `behaviour_share` of rows are windows of user sequences (at most
-    max_history items), the rest item metadata documents; the paper's mixture is 50/50."""
+    """Endless CPT batches: `behaviour_share` of documents are windows of user sequences (at most
+    max_history items), the rest item metadata documents; the paper's mixture is 50/50.
+
+    As in `sft_batches`, a batch comes from one padded length: a bucket is drawn with the share of
+    the mixture its documents carry, then documents within it with their kinds' shares, so every
+    document is exactly as likely as in an unsorted draw. A user's window length does not depend
+    on where it starts; without grouping, every batch would pad short documents to the longest
+    behaviour window.
+    """
     users = [u for u, items in enumerate(sequences.items) if len(items)]
     titled = [i for i in range(len(catalogue.titles)) if catalogue.titles[i]]
     if not users:
         raise ValueError("no user sequences to continue pre-training on")
+    share = behaviour_share if titled else 1.0
+
+    def window(u: int, start: int) -> tuple[list[int], list[float]]:
+        end = start + max_history
+        return behaviour_document(layout, catalogue, sequences.items[u][start:end], sequences.rewards[u][start:end])
+
+    user_bucket = np.array([bucket_length(len(window(u, 0)[0]), buckets) for u in users])
+    item_bucket = np.array([bucket_length(len(metadata_documents(layout, catalogue, i)[0][0]), buckets)
+                            for i in titled], np.int64)
+    groups = []  # per bucket: its users, its items, its share of the mixture, the behaviour part of it
+    for b in buckets:
+        in_users = [users[k] for k in np.flatnonzero(user_bucket == b)]
+        in_items = [titled[k] for k in np.flatnonzero(item_bucket == b)]
+        behaviour = share * len(in_users) / len(users)
+        mass = behaviour + ((1 - share) * len(in_items) / len(titled) if titled else 0.0)
+        if mass > 0:
+            groups.append((in_users, in_items, mass, behaviour / mass))
+    masses = np.array([g[2] for g in groups])
     while True:
+        in_users, in_items, _, behaviour = groups[rng.choice(len(groups), p=masses / masses.sum())]
         examples = []
         for _ in range(batch_size):
-            if not titled or rng.random() < behaviour_share:
-                u = users[rng.integers(len(users))]
-                items, rewards = sequences.items[u], sequences.rewards[u]
-                start = int(rng.integers(max(1, len(items) - max_history + 1)))
-                examples.append(behaviour_document(layout, catalogue, items[start:start + max_history],
-                                                   rewards[start:start + max_history]))
+            if rng.random() < behaviour:
+                u = in_users[rng.integers(len(in_users))]
+                examples.append(window(u, int(rng.integers(max(1, len(sequences.items[u]) - max_history + 1)))))
             else:
-                docs = metadata_documents(layout, catalogue, titled[rng.integers(len(titled))])
+                docs = metadata_documents(layout, catalogue, in_items[rng.integers(len(in_items))])
                 examples.append(docs[rng.integers(len(docs))])
         yield pack_batch(examples, buckets, batch_size)

@@ -141,6 +141,33 @@ def test_cpt_mixture_holds_both_kinds_of_documents():
     assert 0.4 < behaviour < 0.6
 
 
+def test_cpt_batches_group_documents_by_length_and_keep_the_mixture():
+    layout = _layout()
+    titles = ((layout.text_offset,), (), tuple(range(layout.text_offset, layout.text_offset + 3)) * 8, ())
+    cat = Catalogue(_catalogue(layout).item_sids, titles)
+    lengths = (1, 3, 12)  # users whose windows fall in different buckets
+    seqs = RewardedSequences(tuple(np.arange(n) % 4 for n in lengths), tuple(np.ones(n) for n in lengths))
+    batches = cpt_batches(layout, cat, seqs, batch_size=8, max_history=10, buckets=(16, 32, 64),
+                          rng=np.random.default_rng(0))
+    users, items, widths = [], [], set()
+    for _ in range(600):
+        batch = next(batches)
+        real = batch["mask"].sum(1)
+        width = batch["tokens"].shape[1]
+        assert width == min(b for b in (16, 32, 64) if b >= real.max())  # padded to its longest document
+        assert (real > max([0] + [b for b in (16, 32, 64) if b < width])).all()  # which all share its bucket
+        widths.add(width)
+        for row, n in zip(batch["tokens"], real):
+            if row[1] == HIST:
+                users.append({1: 0, 3: 1, 10: 2}[(n - 3) // (layout.sid_depth + 1)])  # <bos> <hist> ... <eos>
+            else:
+                items.append(0 if n < 16 else 2)
+    assert widths == {16, 32, 64}  # short documents are not padded to the longest window
+    assert 0.45 < len(users) / (len(users) + len(items)) < 0.55  # the 50/50 mixture, as without grouping
+    assert all(0.28 < users.count(u) / len(users) < 0.39 for u in range(3))  # users equally likely
+    assert 0.45 < items.count(0) / len(items) < 0.55  # titled items equally likely
+
+
 def test_sft_batches_group_windows_by_length():
     layout = _layout()
     cat = _catalogue(layout)
