@@ -124,8 +124,8 @@ def run_dataset(name: str, cfg: PlumConfig, settings: TokenizeSettings, encoder:
 def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: str | None, recall_steps: int = 0,
         recall_users: int | None = None, rows: tuple[int, ...] = ()) -> dict[str, Any]:
     """The ablation on `datasets`; `rows` (1-based) measures only those rows, and the default result
-    file then keeps the other rows from the runs that measured them (a Beauty row with its Recall@10
-    takes most of an hour here)."""
+    file then keeps the other rows from the runs that measured them (with --recall-steps every row
+    trains and evaluates a model, so a column can be filled over several runs)."""
     if any(not 1 <= k <= len(ROWS) for k in rows):
         raise click.BadParameter(f"rows are numbered 1 to {len(ROWS)}", param_hint="--row")
     settings = cfg.tokenizer if steps is None else cfg.tokenizer.model_copy(update={"steps": steps})
