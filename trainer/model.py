@@ -368,6 +368,13 @@ class Decoder(nnx.Module):
         `rows=(lo, hi)`: logits of vocabulary rows lo..hi-1 only, [B, T, hi - lo] (the SFT loss and
         the beam search read only the SID tokens' logits, a fraction of the output head's work).
         """
+        x, aux = self.hidden(tokens, mask, dropout)
+        return self.head(x, rows), aux
+
+    def hidden(self, tokens: jax.Array, mask: jax.Array, dropout: Dropout | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+        """`__call__` without the output head: (the last block's output [B, T, D], aux_loss); `head`
+        turns any subset of its positions into logits."""
         t = self._check(tokens, mask)
         if t > self.cfg.max_len:
             raise ValueError(f"{t} tokens exceed max_len {self.cfg.max_len}; truncate the sequences.")
@@ -383,7 +390,7 @@ class Decoder(nnx.Module):
             layer_dropout = None if dropout is None else Dropout(dropout.rate, jax.random.fold_in(dropout.key, i + 1))
             x, layer_aux, _ = layer(x, positions, allowed, mask, dropout=layer_dropout)
             aux = aux + layer_aux
-        return self._logits(x, rows), aux * self.cfg.moe_aux_weight
+        return x, aux * self.cfg.moe_aux_weight
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KVCache of max_len slots per row (layout in KVCache's docstring)."""
@@ -433,7 +440,7 @@ class Decoder(nnx.Module):
             position=cache.position + mask.sum(axis=1, dtype=jnp.int32),
             filled=start + t,
         )
-        return self._logits(x[:, -1:] if last_only else x, rows), new_cache
+        return self.head(x[:, -1:] if last_only else x, rows), new_cache
 
     def start_beams(self, cache: KVCache, beam_width: int, steps: int) -> BeamCache:
         """A BeamCache over prefilled prompts for `beam_width` beams of up to `steps` generated tokens."""
@@ -464,14 +471,14 @@ class Decoder(nnx.Module):
             keys.append(k)
             values.append(v)
         new = BeamCache(prefix=prefix, k=jnp.stack(keys, axis=2), v=jnp.stack(values, axis=2), filled=cache.filled + 1)
-        return self._logits(x, rows), new
+        return self.head(x, rows), new
 
     def _check(self, tokens: jax.Array, mask: jax.Array) -> int:
         if tokens.ndim != 2 or tokens.shape != mask.shape:
             raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [batch, length].")
         return tokens.shape[1]
 
-    def _logits(self, x: jax.Array, rows: tuple[int, int] | None = None) -> jax.Array:
+    def head(self, x: jax.Array, rows: tuple[int, int] | None = None) -> jax.Array:
         """Final norm and output head in float32: x [B, T, D] -> [B, T, V], or [B, T, hi - lo] for rows=(lo, hi)."""
         lo, hi = rows if rows is not None else (0, self.cfg.vocab_size)
         if not 0 <= lo < hi <= self.cfg.vocab_size:

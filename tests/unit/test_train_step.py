@@ -16,7 +16,7 @@ from flax import nnx
 
 from trainer.checkpoint import CheckpointError, load_model, read_manifest, save_model
 from trainer.model import DECODER_SIZES, Decoder, Dropout
-from trainer.train import OptimConfig, TrainLoop, loss_fn, next_token_loss, param_spec, sid_level_loss
+from trainer.train import OptimConfig, TrainLoop, loss_fn, next_token_loss, param_spec, sid_level_loss, sid_phase
 
 pytestmark = pytest.mark.unit
 
@@ -75,6 +75,49 @@ def test_sft_loss_reads_only_the_sid_rows_of_the_output_head():
     batch["tokens"][0, 3] = 2  # a weighted target outside every SID position
     with pytest.raises(ValueError, match="not a SID token"):
         loop.step(batch)
+
+
+@pytest.mark.parametrize("with_features", [False, True])
+def test_strided_sft_loss_equals_the_per_position_loss_on_real_sft_batches(with_features):
+    """SFT batches (tiled windows, reward-sampled targets, with or without context features in the
+    prompt) follow one SID phase, and the loss taken per level at the strided positions has the
+    value and gradients of the loss over every position; a batch off the phase takes the general path."""
+    from trainer.data import Catalogue, RewardedSequences, sft_batches
+    from trainer.vocab import FeatureSpec, VocabLayout
+
+    features = (FeatureSpec("surface", "categorical", ("home", "search")),) if with_features else ()
+    layout = VocabLayout((6, 4, 3), 2, features=features, text_ids=(7, 8))
+    rng = np.random.default_rng(0)
+    sids = np.array([layout.sid_tokens((rng.integers(6), rng.integers(4), rng.integers(3), k % 2))
+                     for k in range(20)], np.int32)
+    catalogue = Catalogue(sids, tuple(() for _ in range(20)))
+    lengths = (3, 9, 14, 2, 25)
+    seqs = RewardedSequences(tuple(rng.integers(0, 20, n) for n in lengths),
+                             tuple(rng.choice([0.5, 1.0], n).astype(np.float32) for n in lengths))
+    context = [{"surface": "home"}] * len(lengths) if with_features else None
+    batches = sft_batches(layout, catalogue, seqs, 6, 8, (16, 32, 64), np.random.default_rng(1), context)
+    model = Decoder(TINY.replace(vocab_size=layout.size), nnx.Rngs(0))
+    levels = layout.sid_levels
+
+    def loss_and_grads(batch: dict[str, jax.Array], phase: int | None) -> tuple[float, list[np.ndarray]]:
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, None, levels, phase)
+        return float(metrics["loss"]), [np.asarray(g) for g in jax.tree.leaves(nnx.to_pure_dict(grads))]
+
+    for _ in range(2):
+        batch = next(batches)
+        phase = sid_phase(batch["tokens"], batch["weights"], levels)
+        assert phase is not None
+        device = {k: jnp.asarray(v) for k, v in batch.items()}
+        strided, general = loss_and_grads(device, phase), loss_and_grads(device, None)
+        assert strided[0] == pytest.approx(general[0], rel=1e-5) and strided[0] > 0
+        for a, b in zip(strided[1], general[1]):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    off = {k: v.copy() for k, v in batch.items()}
+    first = np.flatnonzero(off["weights"][0])[0]
+    off["weights"][0, first] = 0.0  # one level-0 target dropped: still on the phase
+    assert sid_phase(off["tokens"], off["weights"], levels) == phase
+    off["tokens"][0, first + 3], off["weights"][0, first + 2] = levels[0][0], 1.0  # a level-0 token where level 2 belongs
+    assert sid_phase(off["tokens"], off["weights"], levels) is None
 
 
 def test_training_reduces_loss_on_a_fixed_batch():
