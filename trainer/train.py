@@ -101,7 +101,8 @@ def sid_phase(tokens: np.ndarray, weights: np.ndarray, levels: SIDLevels) -> int
     """Host side: where a batch's SID targets sit. Behaviour sequences repeat one item every
     len(levels) + 1 tokens (its SID, then its reward), so a position t predicting a level-l token
     usually has (t - l) % (len(levels) + 1) equal to one phase for the whole batch: that phase, or
-    None when the weighted targets do not follow it. Raises if a weighted target is not a SID token."""
+    None when the weighted targets do not follow it; 0 for a batch without targets (any phase gives
+    its zero loss). Raises if a weighted target is not a SID token."""
     pos = np.nonzero(np.asarray(weights)[:, :-1] > 0)
     targets = np.asarray(tokens)[:, 1:][pos]
     level = np.full(len(targets), -1)
@@ -111,7 +112,7 @@ def sid_phase(tokens: np.ndarray, weights: np.ndarray, levels: SIDLevels) -> int
         raise ValueError("an SFT batch weighs a target that is not a SID token; the SID-level loss "
                          "covers SID tokens only")
     phases = np.unique((pos[1] - level) % (len(levels) + 1))
-    return int(phases[0]) if len(phases) == 1 else None
+    return 0 if not len(phases) else int(phases[0]) if len(phases) == 1 else None
 
 
 def strided_sid_loss(model: nnx.Module, x: jax.Array, tokens: jax.Array, weights: jax.Array, levels: SIDLevels,
@@ -226,7 +227,6 @@ class TrainLoop:
         self._step = jax.jit(functools.partial(train_step, dropout_rate=dropout, sid_levels=self.sid_levels),
                              static_argnums=0, static_argnames="sid_phase", donate_argnums=1,
                              out_shardings=(self.state_sharding, None))
-        self._phase = 0  # the last batch's SID phase: a batch without targets reuses it (one compile)
         self._dropout_key = jax.random.key(seed) if dropout > 0 else None
         self.step_count = 0
         self.ema_decay = ema_decay
@@ -240,11 +240,7 @@ class TrainLoop:
         rows = len(batch["tokens"])
         if rows % self.mesh.size:
             raise ValueError(f"batch of {rows} rows does not split over {self.mesh.size} devices")
-        phase = None
-        if self.sid_levels:
-            has_targets = bool((np.asarray(batch["weights"])[:, :-1] > 0).any())
-            phase = sid_phase(batch["tokens"], batch["weights"], self.sid_levels) if has_targets else self._phase
-            self._phase = self._phase if phase is None else phase
+        phase = sid_phase(batch["tokens"], batch["weights"], self.sid_levels) if self.sid_levels else None
         batch = {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
         key = None if self._dropout_key is None else jax.random.fold_in(self._dropout_key, self.step_count)
         self.state, metrics = self._step(self.graphdef, self.state, batch, key, sid_phase=phase)

@@ -118,6 +118,7 @@ def test_strided_sft_loss_equals_the_per_position_loss_on_real_sft_batches(with_
     assert sid_phase(off["tokens"], off["weights"], levels) == phase
     off["tokens"][0, first + 3], off["weights"][0, first + 2] = levels[0][0], 1.0  # a level-0 token where level 2 belongs
     assert sid_phase(off["tokens"], off["weights"], levels) is None
+    assert sid_phase(off["tokens"], np.zeros_like(off["weights"]), levels) == 0  # no targets: any phase
 
 
 def test_training_reduces_loss_on_a_fixed_batch():
