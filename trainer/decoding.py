@@ -293,12 +293,23 @@ def _top_k(logits: jax.Array, beam_bias: jax.Array, k: int) -> tuple[jax.Array, 
 
 def _blocked_children(trie: SIDTrie, banned: jax.Array) -> list[jax.Array]:
     """Per depth d, bool [B, n_nodes_{d+1}]: the nodes a step at depth d may not enter for each user (at the
-    last depth the banned items; above, nodes all of whose valid children are blocked), bottom-up."""
+    last depth the banned items; above, nodes with no item left that is not banned), bottom-up.
+
+    Counts each node's open (not banned) items with a segment sum over the node's parent, so the work is
+    B * (items + nodes) per depth; the tables themselves are read once, not once per user.
+    """
     blocked = [banned]
+    open_items = (~banned).astype(jnp.int32).T  # [n_nodes_{d+1}, B]: open items under each node
     for table in reversed(trie.children[1:]):
         table = jnp.asarray(table)  # [n_nodes_d, width_d] child node, or -1
-        below = blocked[0][:, jnp.maximum(table, 0)]  # [B, n_nodes_d, width_d]
-        blocked.insert(0, jnp.all((table < 0)[None] | below, axis=-1))
+        rows, width = table.shape
+        children = table.reshape(-1)
+        # parent of every node one depth down; nodes no table entry points at (padding) get none
+        parent = jnp.full((open_items.shape[0],), rows, jnp.int32).at[
+            jnp.where(children >= 0, children, open_items.shape[0])].set(
+            jnp.repeat(jnp.arange(rows, dtype=jnp.int32), width), mode="drop")
+        open_items = jax.ops.segment_sum(open_items, parent, num_segments=rows)  # parent == rows: dropped
+        blocked.insert(0, (open_items == 0).T)
     return blocked
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer.decoding import BeamResult, SIDTrie, beam_search, greedy_search, invalid_sid_rate
+from trainer.decoding import BeamResult, SIDTrie, _blocked_children, beam_search, greedy_search, invalid_sid_rate
 
 pytestmark = pytest.mark.equivalence
 
@@ -292,6 +292,28 @@ def test_bad_arguments_raise_value_errors():
         beam_search(model.step, model.init_cache, tokens, mask, trie, 2, max_len=4)
     with pytest.raises(ValueError, match="logits"):
         beam_search(model.step, model.init_cache, tokens, mask, SIDTrie([(12, 18, 22, 30)], RANGES[:3] + ((30, 2),)), 2)
+
+
+def test_a_prefix_is_blocked_exactly_when_every_item_under_it_is_banned():
+    sids = catalogue(4, 60)
+    trie = make_trie(sids)  # node tables padded to NODE_BUCKET rows: padding holds no item, so it is blocked
+    rng = np.random.default_rng(4)
+    banned = rng.random((5, len(sids))) < np.array([0.0, 0.3, 0.7, 0.95, 1.0])[:, None]
+    blocked = [np.asarray(b) for b in jax.jit(_blocked_children)(trie, jnp.asarray(banned))]
+    node_of = np.zeros((len(sids), DEPTH), np.int64)  # each item's node after d + 1 tokens, walked on the host
+    for item, sid in enumerate(sids):
+        node = 0
+        for d, (table, (offset, _)) in enumerate(zip(trie.children, RANGES)):
+            node = node_of[item, d] = table[node, sid[d] - offset]
+    assert (node_of[:, -1] == np.arange(len(sids))).all()
+    for d in range(DEPTH):
+        rows = trie.children[d + 1].shape[0] if d < DEPTH - 1 else len(sids)
+        expected = np.ones((len(banned), rows), bool)
+        for node in range(rows):
+            under = node_of[:, d] == node
+            if under.any():
+                expected[:, node] = banned[:, under].all(axis=1)
+        np.testing.assert_array_equal(blocked[d], expected, err_msg=f"depth {d}")
 
 
 def test_banned_items_are_never_returned_and_the_rest_keep_their_teacher_forced_order():
