@@ -291,23 +291,30 @@ class TrainLoop:
 
     def run(self, batches: Iterator[dict[str, np.ndarray]], steps: int, say: Progress | None = None,
             label: str = "train", report_every: int | None = None) -> list[dict[str, float]]:
-        """`steps` steps with a progress line (step, loss, tokens/s, ETA) every `report_every`."""
+        """`steps` steps with a progress line (step, loss, tokens/s, ETA) every `report_every`. Each
+        history row has the mean loss and the share of real (not padding) tokens since the row before;
+        tokens/s counts real tokens since the start."""
         report_every = report_every or max(1, steps // 20)
         history: list[dict[str, float]] = []
         started = time.monotonic()
         tokens = 0
         window: list[float] = []
+        window_real = window_padded = 0
         for i in range(1, steps + 1):
             batch = next(batches)
-            tokens += int(batch["mask"].sum())
+            real = int(batch["mask"].sum())
+            tokens += real
+            window_real += real
+            window_padded += batch["mask"].size
             metrics = self.step(batch)
             window.append(metrics["loss"])
             if i % report_every == 0 or i == steps:
                 elapsed = time.monotonic() - started
                 row = {"step": self.step_count, "loss": float(np.mean(window)), "tokens_per_s": tokens / elapsed,
-                       "elapsed_s": elapsed}
+                       "elapsed_s": elapsed, "real_share": window_real / window_padded}
                 history.append(row)
                 window = []
+                window_real = window_padded = 0
                 if say is not None:
                     eta = elapsed / i * (steps - i)
                     say(f"{label}: step {i}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']:,.0f} tokens/s "

@@ -128,7 +128,10 @@ def retrieval_row(settings: RetrievalSettings, layout: VocabLayout, catalogue: C
                           settings.beam_width, settings.eval_batch, invalid_rate_users=invalid_rate_users)
     row = {"settings": dataclasses.asdict(settings), "model": dataclasses.asdict(model.cfg), "metrics": metrics,
            "train_seconds": round(trained, 1), "eval_seconds": round(time.monotonic() - started - trained, 1),
-           "final_loss": {stage: histories[stage][-1]["loss"] for stage in ("cpt", "sft") if stage in histories}}
+           "final_loss": {stage: histories[stage][-1]["loss"] for stage in ("cpt", "sft") if stage in histories},
+           # real (not padding) tokens per padded token in the training batches, averaged over the progress rows
+           "real_token_share": {stage: round(float(np.mean([r["real_share"] for r in histories[stage]])), 3)
+                                for stage in ("cpt", "sft") if stage in histories}}
     if "sft_selection" in histories:
         row["validation"] = histories["sft_selection"]
     return row

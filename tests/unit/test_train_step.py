@@ -130,6 +130,20 @@ def test_training_reduces_loss_on_a_fixed_batch():
     assert last < 0.5 * first
 
 
+def test_progress_rows_report_the_share_of_real_tokens_per_window():
+    loop = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(warmup_steps=0, total_steps=4))
+    full, padded = _batch(), _batch()  # 9 real tokens of 12 per row
+    padded["mask"] = padded["mask"].copy()
+    padded["mask"][:, :2] = False  # 2 more padded positions per row
+    padded["weights"] = padded["weights"] * padded["mask"]
+    lines: list[str] = []
+    history = loop.run(iter([full, full, padded, padded]), 4, lines.append, report_every=2)
+    assert [row["step"] for row in history] == [2, 4]
+    assert history[0]["real_share"] == pytest.approx(9 / 12)
+    assert history[1]["real_share"] == pytest.approx(7 / 12)
+    assert len(lines) == 2 and "tokens/s" in lines[0]
+
+
 def test_dropout_steps_repeat_by_seed_and_differ_from_plain_steps():
     """Dropout draws new masks every step from the seed: the same seed repeats a run exactly, a
     rate of 0 is the plain step, and the dropped forward pass changes the loss."""
