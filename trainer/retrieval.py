@@ -138,9 +138,8 @@ def init_model(settings: RetrievalSettings, layout: VocabLayout, gguf_path: Path
 
 def _init_weights(settings: RetrievalSettings, layout: VocabLayout, gguf_path: Path | None,
                   bos_eos: tuple[int, int] | None) -> Decoder:
-    rngs = nnx.Rngs(settings.seed)
     if settings.init == "random":
-        return Decoder(DECODER_SIZES[settings.model_size].replace(vocab_size=layout.size), rngs)
+        return Decoder(DECODER_SIZES[settings.model_size].replace(vocab_size=layout.size), nnx.Rngs(settings.seed))
     if gguf_path is None:
         raise ValueError("a SmolLM2 warm start needs the GGUF path")
     from trainer.warm_start import load_pretrained, new_rows  # the GGUF reader only when needed
@@ -154,7 +153,8 @@ def _init_weights(settings: RetrievalSettings, layout: VocabLayout, gguf_path: P
         table[BOS], table[EOS] = old[bos_eos[0]], old[bos_eos[1]]
     params["embed"]["embedding"] = jnp.asarray(table, old.dtype)
     cfg = pretrained.cfg.replace(vocab_size=layout.size)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs)))
+    # the Rngs are made inside the traced constructor: eval_shape may not mutate one from outside
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(settings.seed))))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 

@@ -210,3 +210,28 @@ def test_files_that_are_not_llama_ggufs_are_clear_errors(tmp_path):
     _write_gguf(tmp_path / "gpt2.gguf", Decoder(DECODER_SIZES["tiny"], nnx.Rngs(0)), arch="gpt2")
     with pytest.raises(WarmStartError, match="needs a Llama GGUF"):
         read_gguf(tmp_path / "gpt2.gguf")
+
+
+def test_retrieval_warm_start_keeps_the_text_rows_and_layers_and_trains(gguf_path, tokenizer, two_layers):
+    """bench quality's CR2 init: SmolLM2's first layers, its embedding rows for the layout's text tokens
+    (and BOS/EOS), new rows for the rest; then a train step runs on it."""
+    from trainer.retrieval import RetrievalSettings, init_model
+    from trainer.train import OptimConfig, TrainLoop
+    from trainer.vocab import BOS, EOS, VocabLayout
+
+    text_ids = tuple(sorted(set(tokenizer.encode(SENTENCE))))
+    layout = VocabLayout((8, 4), 2, text_ids=text_ids)
+    settings = RetrievalSettings(init="smollm2", keep_layers=2)
+    model = init_model(settings, layout, gguf_path, (tokenizer.bos_id, tokenizer.eos_id))
+    assert model.cfg.n_layers == 2 and model.cfg.vocab_size == layout.size
+    old = np.asarray(two_layers.embed.embedding[...])
+    new = np.asarray(model.embed.embedding[...])
+    np.testing.assert_array_equal(new[layout.text_offset:layout.text_offset + len(text_ids)], old[list(text_ids)])
+    np.testing.assert_array_equal(new[BOS], old[tokenizer.bos_id])
+    np.testing.assert_array_equal(new[EOS], old[tokenizer.eos_id])
+    np.testing.assert_array_equal(np.asarray(model.layers[1].attn.q_proj.kernel[...]),
+                                  np.asarray(two_layers.layers[1].attn.q_proj.kernel[...]))
+    tokens = np.array([[BOS, *range(layout.text_offset, layout.text_offset + 6)]], np.int32)
+    batch = {"tokens": tokens, "mask": np.ones_like(tokens, bool), "weights": np.ones(tokens.shape, np.float32)}
+    loop = TrainLoop(model, OptimConfig(warmup_steps=0, total_steps=2))
+    assert np.isfinite(loop.step(batch)["loss"])
