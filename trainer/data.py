@@ -157,10 +157,11 @@ def sft_windows(sequences: RewardedSequences, max_history: int) -> tuple[np.ndar
 
 def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
                 max_history: int, buckets: Sequence[int], rng: np.random.Generator,
-                context: Sequence[Mapping[str, object]] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                context: Sequence[Mapping[str, object]] | None = None, reward_sampling: bool = True,
+                ) -> Iterator[dict[str, np.ndarray]]:
     """Endless SFT batches of the windows of `sft_windows` (at most max_history + 1 items), drawn
     uniformly; every item after the window's first is a target, kept with probability
-    reward / max reward.
+    reward / max reward (the paper's reward sampling), or always with reward_sampling=False.
 
     Windows are grouped by padded length and a batch comes from one group (groups drawn in
     proportion to their size, so every window is still equally likely): short histories are not
@@ -178,7 +179,8 @@ def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSe
         for u, end in ends[group[rng.integers(len(group), size=batch_size)]]:
             start = max(0, end - max_history)
             items, rewards = sequences.items[u][start:end + 1], sequences.rewards[u][start:end + 1]
-            keep = rng.random(len(items)) < np.asarray(rewards, np.float64) / top
+            keep = (rng.random(len(items)) < np.asarray(rewards, np.float64) / top if reward_sampling
+                    else np.ones(len(items), bool))
             keep[0] = False  # the window's first item has no history inside the window
             tokens = history_tokens(layout, catalogue, items, rewards, None if context is None else context[u])
             examples.append((tokens, target_weights(layout, len(items), keep)))

@@ -57,6 +57,9 @@ class RetrievalSettings:
     # level's RQ-VAE codebook vectors (centred, fixed random projection to the model width, scaled
     # to the init's 0.02), so codes the tokenizer placed near each other start near each other.
     sid_init: str = "random"
+    # SFT targets: "reward" keeps each with probability reward / max reward (the paper's reward
+    # sampling); "all" keeps every target, as the leave-one-out test asks for every next item.
+    target_sampling: str = "reward"
 
     def __post_init__(self) -> None:
         if self.init not in ("random", "smollm2"):
@@ -65,6 +68,8 @@ class RetrievalSettings:
             raise ValueError(f"unknown model size {self.model_size!r}; known: {', '.join(DECODER_SIZES)}")
         if self.sid_init not in ("random", "codebook"):
             raise ValueError(f"sid_init must be 'random' or 'codebook', got {self.sid_init!r}")
+        if self.target_sampling not in ("reward", "all"):
+            raise ValueError(f"target_sampling must be 'reward' or 'all', got {self.target_sampling!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -182,8 +187,11 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
     for stage, steps in (("cpt", settings.cpt_steps), ("sft", settings.sft_steps)):
         if steps <= 0:
             continue
-        make = cpt_batches if stage == "cpt" else sft_batches
-        batches = make(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets, rng)
+        if stage == "cpt":
+            batches = cpt_batches(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets, rng)
+        else:
+            batches = sft_batches(layout, catalogue, sequences, settings.batch_size, settings.max_history, buckets,
+                                  rng, reward_sampling=settings.target_sampling == "reward")
         optim = OptimConfig(settings.learning_rate, settings.warmup_steps, steps, weight_decay=settings.weight_decay)
         loop = TrainLoop(model, optim, dropout=settings.dropout, seed=settings.seed,
                          sid_levels=layout.sid_levels if stage == "sft" else None, ema_decay=settings.ema_decay)

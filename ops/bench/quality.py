@@ -63,6 +63,7 @@ class QualityRun:
     ema_decay: float = 0.0
     beam_width: int = 20
     sid_init: str = "random"
+    target_sampling: str = "reward"
 
 
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
@@ -95,7 +96,8 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
                                  dropout=run.dropout, weight_decay=run.weight_decay,
                                  validate_every=run.validate_every, patience=run.patience,
                                  validation_users=run.validation_users, ema_decay=run.ema_decay,
-                                 beam_width=run.beam_width, sid_init=run.sid_init)
+                                 beam_width=run.beam_width, sid_init=run.sid_init,
+                                 target_sampling=run.target_sampling)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
                         (tokenizer.bos_id, tokenizer.eos_id), codebooks=prepared["codebooks"])
     return {"row": label, "variant": variant, **row}
@@ -141,7 +143,9 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                   if quality.validate_every else "")
                + (f" --ema-decay {quality.ema_decay:g}" if quality.ema_decay else "")
                + (f" --beam-width {quality.beam_width}" if quality.beam_width != QualityRun.beam_width else "")
-               + (f" --sid-init {quality.sid_init}" if quality.sid_init != QualityRun.sid_init else ""))
+               + (f" --sid-init {quality.sid_init}" if quality.sid_init != QualityRun.sid_init else "")
+               + (f" --target-sampling {quality.target_sampling}"
+                  if quality.target_sampling != QualityRun.target_sampling else ""))
     measured = machine()
     for result in results.values():  # each data set and row says which run produced it
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))

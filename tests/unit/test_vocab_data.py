@@ -113,22 +113,34 @@ def test_left_pad_aligns_prompts_at_the_end():
     assert mask.tolist() == [[True, True, True], [False, False, True]]
 
 
-def test_sft_targets_are_drawn_in_proportion_to_reward():
+def _drawn_targets(reward_sampling: bool) -> np.ndarray:
+    """How often each item is an SFT target in one large batch where items 1 (reward 1.0), 2
+    (reward 0.0) and 3 (reward 0.5) always follow item 0."""
     layout = _layout()
     cat = _catalogue(layout)
-    # Items 1 (reward 1.0), 2 (reward 0.0) and 3 (reward 0.5) always follow item 0.
     seqs = RewardedSequences((np.array([0, 1]), np.array([0, 2]), np.array([0, 3])),
                              (np.array([1.0, 1.0]), np.array([1.0, 0.0]), np.array([1.0, 0.5])))
     batch = next(sft_batches(layout, cat, seqs, batch_size=600, max_history=5, buckets=(32,),
-                             rng=np.random.default_rng(0)))
+                             rng=np.random.default_rng(0), reward_sampling=reward_sampling))
     drawn = []
     for tokens, weights in zip(batch["tokens"], batch["weights"]):
         target = tokens[np.flatnonzero(weights) + 1].tolist()
         if target:
             drawn.append(next(i for i, sid in enumerate(cat.item_sids.tolist()) if sid == target))
-    counts = np.bincount(drawn, minlength=4)
+    return np.bincount(drawn, minlength=4)
+
+
+def test_sft_targets_are_drawn_in_proportion_to_reward():
+    counts = _drawn_targets(reward_sampling=True)
     assert counts[0] == 0 and counts[2] == 0  # the window's first item, and a zero-reward target
     assert 1.6 < counts[1] / counts[3] < 2.5  # reward 1.0 against 0.5
+
+
+def test_sft_without_reward_sampling_keeps_every_target():
+    counts = _drawn_targets(reward_sampling=False)
+    assert counts[0] == 0  # the window's first item is never a target
+    assert counts[1:].sum() == 600  # every window's target kept, the zero-reward one included
+    assert min(counts[1:]) > 150  # windows drawn uniformly: about 200 each
 
 
 def test_cpt_mixture_holds_both_kinds_of_documents():
