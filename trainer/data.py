@@ -149,10 +149,7 @@ def sft_windows(sequences: RewardedSequences, max_history: int) -> tuple[np.ndar
             for last in [np.arange(len(items) - 1, 0, -max_history)]]
     if not ends:
         raise ValueError("no user has two or more training items: nothing to learn from")
-    top = max(float(np.max(r)) for r in sequences.rewards if len(r))
-    if top <= 0:
-        raise ValueError("every training reward is zero: reward sampling has nothing to draw")
-    return np.concatenate(ends), top
+    return np.concatenate(ends), max(float(np.max(r)) for r in sequences.rewards if len(r))
 
 
 def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSequences, batch_size: int,
@@ -168,6 +165,8 @@ def sft_batches(layout: VocabLayout, catalogue: Catalogue, sequences: RewardedSe
     padded to the longest bucket, which on Amazon Beauty's short sequences halves the tokens.
     """
     ends, top = sft_windows(sequences, max_history)
+    if reward_sampling and top <= 0:
+        raise ValueError("every training reward is zero: reward sampling has nothing to draw")
     items_in = np.minimum(ends[:, 1], max_history) + 1
     lengths = prefix_length(layout) + items_in * (layout.sid_depth + 1)
     groups = [g for g in (np.flatnonzero(np.array([bucket_length(n, buckets) for n in lengths]) == b)

@@ -143,6 +143,20 @@ def test_sft_without_reward_sampling_keeps_every_target():
     assert min(counts[1:]) > 150  # windows drawn uniformly: about 200 each
 
 
+def test_all_zero_rewards_stop_reward_sampling_but_not_training_on_every_target():
+    layout = _layout()
+    cat = _catalogue(layout)
+    seqs = RewardedSequences((np.array([0, 1]), np.array([0, 2])), (np.zeros(2), np.zeros(2)))
+
+    def draw(sampling: bool) -> dict[str, np.ndarray]:
+        return next(sft_batches(layout, cat, seqs, batch_size=8, max_history=5, buckets=(32,),
+                                rng=np.random.default_rng(0), reward_sampling=sampling))
+
+    with pytest.raises(ValueError, match="every training reward is zero"):
+        draw(True)
+    assert draw(False)["weights"].sum() == 8 * layout.sid_depth  # one target SID per window
+
+
 def test_cpt_mixture_holds_both_kinds_of_documents():
     layout = _layout()
     cat = _catalogue(layout)
