@@ -603,6 +603,8 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @click.option("--target-sampling", type=click.Choice(["reward", "all"]), default="reward", show_default=True,
               help="SFT targets of the PLUM rows: 'reward' keeps each with probability reward / max reward "
                    "(the paper's reward sampling); 'all' keeps every target.")
+@click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Share of each SFT target SID token spread evenly over its position's tokens (0: none).")
 @click.option("--validation-users", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,
@@ -614,7 +616,7 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple[str, ...], sft_steps: int,
                   cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, learning_rate: float,
                   dropout: float, weight_decay: float, validate_every: int, patience: int, ema_decay: float,
-                  beam_width: int, sid_init: str, target_sampling: str, validation_users: int,
+                  beam_width: int, sid_init: str, target_sampling: str, label_smoothing: float, validation_users: int,
                   sasrec_epochs: int, sid_steps: int | None, output: str | None) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
     CR2) trained on the same split in the same run, with each model's effective vocabulary."""
@@ -622,7 +624,8 @@ def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple
 
     run(_config(ctx), QualityRun(datasets, variants, sft_steps, cpt_steps, model_size, keep_layers, batch_size,
                                  sasrec_epochs, sid_steps, learning_rate, dropout, weight_decay, validate_every,
-                                 patience, validation_users, ema_decay, beam_width, sid_init, target_sampling),
+                                 patience, validation_users, ema_decay, beam_width, sid_init, target_sampling,
+                                 label_smoothing),
         output)
 
 

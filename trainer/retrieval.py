@@ -60,6 +60,8 @@ class RetrievalSettings:
     # SFT targets: "reward" keeps each with probability reward / max reward (the paper's reward
     # sampling); "all" keeps every target, as the leave-one-out test asks for every next item.
     target_sampling: str = "reward"
+    # > 0: that share of each SFT target SID token is spread evenly over its position's tokens
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.init not in ("random", "smollm2"):
@@ -72,6 +74,8 @@ class RetrievalSettings:
             raise ValueError(f"target_sampling must be 'reward' or 'all', got {self.target_sampling!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.weight_decay < 0 or self.validate_every < 0 or self.validation_users < 1 or self.patience < 1:
@@ -194,7 +198,8 @@ def train_stages(model: Decoder, settings: RetrievalSettings, layout: VocabLayou
                                   rng, reward_sampling=settings.target_sampling == "reward")
         optim = OptimConfig(settings.learning_rate, settings.warmup_steps, steps, weight_decay=settings.weight_decay)
         loop = TrainLoop(model, optim, dropout=settings.dropout, seed=settings.seed,
-                         sid_levels=layout.sid_levels if stage == "sft" else None, ema_decay=settings.ema_decay)
+                         sid_levels=layout.sid_levels if stage == "sft" else None, ema_decay=settings.ema_decay,
+                         label_smoothing=settings.label_smoothing if stage == "sft" else 0.0)
         if stage == "sft" and validation is not None and settings.validate_every > 0:
             histories[stage], histories["sft_selection"] = _select_on_validation(
                 loop, batches, steps, settings, layout, catalogue, validation, say)

@@ -77,10 +77,19 @@ def sid_rows(levels: SIDLevels) -> tuple[int, int]:
     return min(o for o, _ in levels), max(o + w for o, w in levels)
 
 
-def sid_level_loss(logits: jax.Array, lo: int, tokens: jax.Array, weights: jax.Array, levels: SIDLevels
-                   ) -> tuple[jax.Array, jax.Array]:
+def smoothed_nll(log_normaliser: jax.Array, target_logit: jax.Array, mean_logit: jax.Array,
+                 smoothing: float) -> jax.Array:
+    """Cross-entropy against the target smoothed with `smoothing` spread uniformly over the softmax's
+    tokens: (1 - s) * (logZ - target logit) + s * (logZ - mean logit); s = 0 is the plain NLL."""
+    nll = log_normaliser - target_logit
+    return nll if not smoothing else (1 - smoothing) * nll + smoothing * (log_normaliser - mean_logit)
+
+
+def sid_level_loss(logits: jax.Array, lo: int, tokens: jax.Array, weights: jax.Array, levels: SIDLevels,
+                   smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Weighted mean NLL of the target SID tokens tokens[:, 1:] given logits[:, :-1] of vocabulary rows
     lo.., each target's softmax taken over the tokens of its own SID position; returns (loss, total weight).
+    `smoothing` > 0: label smoothing over that position's tokens (`smoothed_nll`).
 
     logits: [B, T, C] for token ids lo..lo+C-1; weighted targets must be SID tokens (TrainLoop checks).
     """
@@ -89,9 +98,14 @@ def sid_level_loss(logits: jax.Array, lo: int, tokens: jax.Array, weights: jax.A
     level_of = np.full(logits.shape[-1], 0, np.int32)
     for level, (offset, width) in enumerate(levels):
         level_of[offset - lo:offset - lo + width] = level
-    normalisers = jnp.stack([jax.nn.logsumexp(logits[..., o - lo:o - lo + w], axis=-1) for o, w in levels], -1)
-    own = jnp.take_along_axis(normalisers, jnp.asarray(level_of)[local][..., None], axis=-1)[..., 0]
-    nll = own - jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0]
+    own_level = jnp.asarray(level_of)[local][..., None]
+
+    def own(per_level: list[jax.Array]) -> jax.Array:  # each position's value for its target's level
+        return jnp.take_along_axis(jnp.stack(per_level, -1), own_level, axis=-1)[..., 0]
+
+    normaliser = own([jax.nn.logsumexp(logits[..., o - lo:o - lo + w], axis=-1) for o, w in levels])
+    mean = own([logits[..., o - lo:o - lo + w].mean(-1) for o, w in levels]) if smoothing else 0.0
+    nll = smoothed_nll(normaliser, jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0], mean, smoothing)
     w = weights[:, :-1]
     total = w.sum()
     return (nll * w).sum() / jnp.maximum(total, 1.0), total
@@ -116,7 +130,7 @@ def sid_phase(tokens: np.ndarray, weights: np.ndarray, levels: SIDLevels) -> int
 
 
 def strided_sid_loss(model: nnx.Module, x: jax.Array, tokens: jax.Array, weights: jax.Array, levels: SIDLevels,
-                     phase: int) -> tuple[jax.Array, jax.Array]:
+                     phase: int, smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """`sid_level_loss` for a batch whose targets follow `phase` (see `sid_phase`): each level's
     logits are taken only at the positions that predict that level (a static strided slice of the
     hidden states x [B, T, D]) over that level's rows, about (levels + 1) times less head work than
@@ -130,25 +144,29 @@ def strided_sid_loss(model: nnx.Module, x: jax.Array, tokens: jax.Array, weights
             continue
         logits = model.head(h, (offset, offset + width))  # [B, positions, width]
         target = jnp.clip(tokens[:, start + 1::step][:, :h.shape[1]] - offset, 0, width - 1)
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        nll = smoothed_nll(jax.nn.logsumexp(logits, axis=-1), target_logit, logits.mean(-1) if smoothing else 0.0,
+                           smoothing)
         summed = summed + (nll * weights[:, start:t - 1:step]).sum()
     total = weights[:, :-1].sum()
     return summed / jnp.maximum(total, 1.0), total
 
 
 def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], dropout: Dropout | None = None,
-            sid_levels: SIDLevels | None = None, sid_phase: int | None = None
+            sid_levels: SIDLevels | None = None, sid_phase: int | None = None, label_smoothing: float = 0.0
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token loss on the weighted positions plus the model's auxiliary (MoE balance) loss; with
-    `sid_levels`, the SFT loss over each target's own SID position (`sid_level_loss`), computed
-    per level at the strided positions when the batch's targets follow `sid_phase`."""
+    `sid_levels`, the SFT loss over each target's own SID position (`sid_level_loss`, label-smoothed
+    over that position by `label_smoothing`), computed per level at the strided positions when the
+    batch's targets follow `sid_phase`."""
     if sid_levels and sid_phase is not None:
         x, aux = model.hidden(batch["tokens"], batch["mask"], dropout)
-        nll, total = strided_sid_loss(model, x, batch["tokens"], batch["weights"], sid_levels, sid_phase)
+        nll, total = strided_sid_loss(model, x, batch["tokens"], batch["weights"], sid_levels, sid_phase,
+                                      label_smoothing)
     elif sid_levels:
         rows = sid_rows(sid_levels)
         logits, aux = model(batch["tokens"], batch["mask"], dropout, rows=rows)
-        nll, total = sid_level_loss(logits, rows[0], batch["tokens"], batch["weights"], sid_levels)
+        nll, total = sid_level_loss(logits, rows[0], batch["tokens"], batch["weights"], sid_levels, label_smoothing)
     else:
         logits, aux = model(batch["tokens"], batch["mask"], dropout)
         nll, total = next_token_loss(logits, batch["tokens"], batch["weights"])
@@ -157,13 +175,14 @@ def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], dropout: Dropout | N
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
                dropout_key: jax.Array | None = None, dropout_rate: float = 0.0, sid_levels: SIDLevels | None = None,
-               sid_phase: int | None = None) -> tuple[nnx.State, dict[str, jax.Array]]:
+               sid_phase: int | None = None, label_smoothing: float = 0.0) -> tuple[nnx.State, dict[str, jax.Array]]:
     """One optimizer step on (model, optimizer) state; pure, so it jits and shards cleanly.
-    With dropout_rate > 0, `dropout_key` draws this step's residual-dropout masks; `sid_levels`
-    and `sid_phase` select the SFT loss (see `loss_fn`)."""
+    With dropout_rate > 0, `dropout_key` draws this step's residual-dropout masks; `sid_levels`,
+    `sid_phase` and `label_smoothing` select the SFT loss (see `loss_fn`)."""
     model, optimizer = nnx.merge(graphdef, state)
     dropout = Dropout(dropout_rate, dropout_key) if dropout_rate > 0 else None
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, dropout, sid_levels, sid_phase)
+    loss = functools.partial(loss_fn, sid_levels=sid_levels, sid_phase=sid_phase, label_smoothing=label_smoothing)
+    (_, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model, batch, dropout)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return nnx.state((model, optimizer)), metrics
@@ -209,12 +228,18 @@ class TrainLoop:
     token's softmax runs over its own SID position's tokens (`sid_level_loss`); None: CPT's
     next-token loss over the whole vocabulary. `ema_decay` > 0 also keeps an exponential moving
     average of the model's weights (`averaged_model`), updated after every step with the decay
-    min(ema_decay, (1 + n) / (10 + n)) so that early steps do not drag the random init along."""
+    min(ema_decay, (1 + n) / (10 + n)) so that early steps do not drag the random init along.
+    `label_smoothing` (SFT only) spreads that share of each SID target over its position's tokens."""
 
     def __init__(self, model: nnx.Module, optim: OptimConfig, mesh: Mesh | None = None, dropout: float = 0.0,
-                 seed: int = 0, sid_levels: SIDLevels | None = None, ema_decay: float = 0.0) -> None:
+                 seed: int = 0, sid_levels: SIDLevels | None = None, ema_decay: float = 0.0,
+                 label_smoothing: float = 0.0) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if label_smoothing and not sid_levels:
+            raise ValueError("label_smoothing applies to the SFT loss over SID positions only (give sid_levels)")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         self.sid_levels = tuple((int(o), int(w)) for o, w in sid_levels) if sid_levels else None
@@ -224,7 +249,8 @@ class TrainLoop:
         self.state_sharding = state_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_sharding)
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-        self._step = jax.jit(functools.partial(train_step, dropout_rate=dropout, sid_levels=self.sid_levels),
+        self._step = jax.jit(functools.partial(train_step, dropout_rate=dropout, sid_levels=self.sid_levels,
+                                               label_smoothing=label_smoothing),
                              static_argnums=0, static_argnames="sid_phase", donate_argnums=1,
                              out_shardings=(self.state_sharding, None))
         self._dropout_key = jax.random.key(seed) if dropout > 0 else None

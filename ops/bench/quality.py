@@ -64,6 +64,7 @@ class QualityRun:
     beam_width: int = 20
     sid_init: str = "random"
     target_sampling: str = "reward"
+    label_smoothing: float = 0.0
 
 
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
@@ -97,7 +98,7 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
                                  validate_every=run.validate_every, patience=run.patience,
                                  validation_users=run.validation_users, ema_decay=run.ema_decay,
                                  beam_width=run.beam_width, sid_init=run.sid_init,
-                                 target_sampling=run.target_sampling)
+                                 target_sampling=run.target_sampling, label_smoothing=run.label_smoothing)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
                         (tokenizer.bos_id, tokenizer.eos_id), codebooks=prepared["codebooks"])
     return {"row": label, "variant": variant, **row}
@@ -145,7 +146,8 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                + (f" --beam-width {quality.beam_width}" if quality.beam_width != QualityRun.beam_width else "")
                + (f" --sid-init {quality.sid_init}" if quality.sid_init != QualityRun.sid_init else "")
                + (f" --target-sampling {quality.target_sampling}"
-                  if quality.target_sampling != QualityRun.target_sampling else ""))
+                  if quality.target_sampling != QualityRun.target_sampling else "")
+               + (f" --label-smoothing {quality.label_smoothing:g}" if quality.label_smoothing else ""))
     measured = machine()
     for result in results.values():  # each data set and row says which run produced it
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))

@@ -17,7 +17,7 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "quality", "--dataset", "movielens-100k", "--variant", "sasrec",
                                       "--variant", "r1", "--sft-steps", "3", "--sid-steps", "30",
                                       "--sasrec-epochs", "2", "--beam-width", "12", "--sid-init", "codebook",
-                                      "--target-sampling", "all", "--output", str(out)])
+                                      "--target-sampling", "all", "--label-smoothing", "0.1", "--output", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["datasets"]["movielens-100k"]["rows"]
@@ -32,6 +32,7 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     assert rows[1]["settings"]["beam_width"] == 12 and "--beam-width 12" in report["command"]
     assert rows[1]["settings"]["sid_init"] == "codebook" and "--sid-init codebook" in report["command"]
     assert rows[1]["settings"]["target_sampling"] == "all" and "--target-sampling all" in report["command"]
+    assert rows[1]["settings"]["label_smoothing"] == 0.1 and "--label-smoothing 0.1" in report["command"]
 
 
 def test_the_default_result_keeps_the_rows_and_data_sets_a_run_did_not_train(tmp_path):

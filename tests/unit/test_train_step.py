@@ -55,6 +55,11 @@ def test_sid_level_loss_normalises_each_target_over_its_own_sid_position():
     assert float(total) == 2.0 and float(loss) == pytest.approx((first + second) / 2, rel=1e-6)
     only_second, _ = sid_level_loss(logits, 2, tokens, jnp.array([[0.0, 1.0, 1.0]]), levels)
     assert float(only_second) == pytest.approx(second, rel=1e-6)
+    # label smoothing 0.1: a tenth of each target spread evenly over its own position's tokens
+    first_z, second_z = np.log(np.exp(1.0) + np.exp(2.0) + np.exp(0.5)), np.log(np.exp(0.0) + np.exp(1.0))
+    smoothed = (0.9 * first + 0.1 * (first_z - 3.5 / 3), 0.9 * second + 0.1 * (second_z - 0.5))
+    loss, _ = sid_level_loss(logits, 2, tokens, jnp.array([[1.0, 1.0, 0.0]]), levels, smoothing=0.1)
+    assert float(loss) == pytest.approx(sum(smoothed) / 2, rel=1e-6)
 
 
 def test_sft_loss_reads_only_the_sid_rows_of_the_output_head():
@@ -77,8 +82,8 @@ def test_sft_loss_reads_only_the_sid_rows_of_the_output_head():
         loop.step(batch)
 
 
-@pytest.mark.parametrize("with_features", [False, True])
-def test_strided_sft_loss_equals_the_per_position_loss_on_real_sft_batches(with_features):
+@pytest.mark.parametrize("with_features, smoothing", [(False, 0.0), (True, 0.0), (False, 0.1)])
+def test_strided_sft_loss_equals_the_per_position_loss_on_real_sft_batches(with_features, smoothing):
     """SFT batches (tiled windows, reward-sampled targets, with or without context features in the
     prompt) follow one SID phase, and the loss taken per level at the strided positions has the
     value and gradients of the loss over every position; a batch off the phase takes the general path."""
@@ -100,7 +105,7 @@ def test_strided_sft_loss_equals_the_per_position_loss_on_real_sft_batches(with_
     levels = layout.sid_levels
 
     def loss_and_grads(batch: dict[str, jax.Array], phase: int | None) -> tuple[float, list[np.ndarray]]:
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, None, levels, phase)
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, None, levels, phase, smoothing)
         return float(metrics["loss"]), [np.asarray(g) for g in jax.tree.leaves(nnx.to_pure_dict(grads))]
 
     for _ in range(2):
@@ -161,6 +166,27 @@ def test_dropout_steps_repeat_by_seed_and_differ_from_plain_steps():
     assert all(abs(a - b) > 1e-4 for a, b in zip(plain, dropped))
     with pytest.raises(ValueError, match="dropout"):
         TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(), dropout=1.0)
+
+
+def test_train_loop_applies_label_smoothing_to_the_sft_loss_only():
+    levels = ((4, 10), (14, 8), (22, 2))
+    batch = _batch()
+    batch["tokens"][:, 1:] = np.random.default_rng(1).integers(4, 24, batch["tokens"][:, 1:].shape)
+
+    def first_loss(smoothing: float) -> float:
+        loop = TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(warmup_steps=0, total_steps=2), sid_levels=levels,
+                         label_smoothing=smoothing)
+        return loop.step(batch)["loss"]
+
+    plain, smoothed = first_loss(0.0), first_loss(0.2)
+    model = Decoder(TINY, nnx.Rngs(0))
+    device = {k: jnp.asarray(v) for k, v in batch.items()}
+    expected = loss_fn(model, device, sid_levels=levels, label_smoothing=0.2)[1]["loss"]
+    assert smoothed == pytest.approx(float(expected), rel=1e-5) and abs(smoothed - plain) > 1e-4
+    with pytest.raises(ValueError, match="label_smoothing must lie"):
+        TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(), sid_levels=levels, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="SFT loss"):
+        TrainLoop(Decoder(TINY, nnx.Rngs(0)), OptimConfig(), label_smoothing=0.1)
 
 
 def _params(model: nnx.Module) -> list[np.ndarray]:
