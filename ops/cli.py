@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ops.bench import SFT_RECIPE
+from ops.bench import QualityRun
 from ops.config import PROJECT_ROOT, PlumConfig, load_config
 from ops.errors import PlumError
 
@@ -571,62 +571,61 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 
 @bench.command("quality")
 @click.option("--dataset", "datasets", multiple=True, type=click.Choice(DATASETS),
-              default=("movielens-100k", "amazon-beauty"), show_default=True, help="Data sets to run (repeatable).")
+              default=QualityRun.datasets, show_default=True, help="Data sets to run (repeatable).")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(["sasrec", "r1", "cr1", "cr2"]),
-              default=("sasrec", "r1", "cr1", "cr2"), show_default=True,
+              default=QualityRun.variants, show_default=True,
               help="Rows: SASRec; PLUM R1 (random init), CR1 (random init + CPT), CR2 (SmolLM2 init + CPT).")
-@click.option("--sft-steps", type=click.IntRange(min=1), default=3000, show_default=True)
-@click.option("--cpt-steps", type=click.IntRange(min=0), default=1000, show_default=True)
-@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
-              help="Decoder size of the randomly initialised rows.")
-@click.option("--keep-layers", type=click.IntRange(min=1, max=30), default=2, show_default=True,
+@click.option("--sft-steps", type=click.IntRange(min=1), default=QualityRun.sft_steps, show_default=True)
+@click.option("--cpt-steps", type=click.IntRange(min=0), default=QualityRun.cpt_steps, show_default=True)
+@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default=QualityRun.model_size,
+              show_default=True, help="Decoder size of the randomly initialised rows.")
+@click.option("--keep-layers", type=click.IntRange(min=1, max=30), default=QualityRun.keep_layers, show_default=True,
               help="SmolLM2 layers kept for CR2 (all 30 do not train on a CPU in reasonable time).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=2), default=QualityRun.batch_size, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=QualityRun.learning_rate,
+              show_default=True,
               help="Peak learning rate of CPT and SFT (warm-up, then cosine decay over the step budget).")
-@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=SFT_RECIPE["dropout"],
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=QualityRun.dropout,
               show_default=True, help="Residual dropout of the PLUM rows' training steps.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=SFT_RECIPE["weight_decay"], show_default=True,
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=QualityRun.weight_decay, show_default=True,
               help="AdamW weight decay of the PLUM rows.")
-@click.option("--validate-every", type=click.IntRange(min=0), default=SFT_RECIPE["validate_every"], show_default=True,
+@click.option("--validate-every", type=click.IntRange(min=0), default=QualityRun.validate_every, show_default=True,
               help="Check SFT on the validation targets every this many steps, stop after --patience checks "
                    "without a better Recall@10 and keep the best (SASRec selects the same way); 0: off.")
-@click.option("--patience", type=click.IntRange(min=1), default=SFT_RECIPE["patience"], show_default=True)
-@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=SFT_RECIPE["ema_decay"],
+@click.option("--patience", type=click.IntRange(min=1), default=QualityRun.patience, show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=QualityRun.ema_decay,
               show_default=True, help="Keep, validate and test a moving average of the PLUM rows' weights with "
                                       "this decay per step (0: the trained weights themselves).")
-@click.option("--beam-width", type=click.IntRange(min=10), default=20, show_default=True,
+@click.option("--beam-width", type=click.IntRange(min=10), default=QualityRun.beam_width, show_default=True,
               help="Beams of the PLUM rows' constrained search (validation and test); the top 10 are scored.")
-@click.option("--sid-init", type=click.Choice(["random", "codebook"]), default="random", show_default=True,
+@click.option("--sid-init", type=click.Choice(["random", "codebook"]), default=QualityRun.sid_init,
+              show_default=True,
               help="Initial embeddings of the PLUM rows' SID code tokens: random, or projected from the SID "
                    "table's RQ-VAE codebooks (codes close in the tokenizer start close in the model).")
-@click.option("--target-sampling", type=click.Choice(["reward", "all"]), default="reward", show_default=True,
+@click.option("--target-sampling", type=click.Choice(["reward", "all"]), default=QualityRun.target_sampling,
+              show_default=True,
               help="SFT targets of the PLUM rows: 'reward' keeps each with probability reward / max reward "
                    "(the paper's reward sampling); 'all' keeps every target.")
-@click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+@click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=QualityRun.label_smoothing, show_default=True,
               help="Share of each SFT target SID token spread evenly over its position's tokens (0: none).")
-@click.option("--validation-users", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--validation-users", type=click.IntRange(min=1), default=QualityRun.validation_users,
+              show_default=True,
               help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
-@click.option("--sasrec-epochs", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--sasrec-epochs", type=click.IntRange(min=1), default=QualityRun.sasrec_epochs, show_default=True,
               help="SASRec's epoch budget (early stopping on validation Recall@10).")
-@click.option("--sid-steps", type=click.IntRange(min=1), default=None, help="RQ-VAE steps (default from config).")
+@click.option("--sid-steps", type=click.IntRange(min=1), default=QualityRun.sid_steps,
+              help="RQ-VAE steps (default from config).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
 @click.pass_context
-def bench_quality(ctx: click.Context, datasets: tuple[str, ...], variants: tuple[str, ...], sft_steps: int,
-                  cpt_steps: int, model_size: str, keep_layers: int, batch_size: int, learning_rate: float,
-                  dropout: float, weight_decay: float, validate_every: int, patience: int, ema_decay: float,
-                  beam_width: int, sid_init: str, target_sampling: str, label_smoothing: float, validation_users: int,
-                  sasrec_epochs: int, sid_steps: int | None, output: str | None) -> None:
+def bench_quality(ctx: click.Context, output: str | None, datasets: tuple[str, ...], variants: tuple[str, ...],
+                  **settings: Any) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
     CR2) trained on the same split in the same run, with each model's effective vocabulary."""
-    from ops.bench.quality import QualityRun, run
+    from ops.bench.quality import run
 
-    run(_config(ctx), QualityRun(datasets, variants, sft_steps, cpt_steps, model_size, keep_layers, batch_size,
-                                 sasrec_epochs, sid_steps, learning_rate, dropout, weight_decay, validate_every,
-                                 patience, validation_users, ema_decay, beam_width, sid_init, target_sampling,
-                                 label_smoothing),
-        output)
+    run(_config(ctx), QualityRun(datasets=tuple(datasets), variants=tuple(variants), **settings), output)
 
 
 @bench.command("train")

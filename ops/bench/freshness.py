@@ -63,7 +63,7 @@ from ingest.producer import EventProducer
 from ingest.replay import replay
 from ingest.training_log import read_training_log
 from ops.bench.ingest import OnlineObserver, _delays, warm_up
-from ops.bench.report import machine, update_readme_table, write_result
+from ops.bench.report import command_line, machine, update_readme_table, write_result
 from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
@@ -105,9 +105,7 @@ class FreshnessRun:
 
     def command(self) -> str:
         """The command line that repeats this run."""
-        return ("plum bench freshness " + " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float)
-                                                  else f"--{k.replace('_', '-')} {v}"
-                                                  for k, v in dataclasses.asdict(self).items()))
+        return command_line("plum bench freshness", self)
 
     def trainer(self, base: TrainerSettings) -> TrainerSettings:
         """The trainer settings of this run (CPT in process, the continuous trainer from the run's config file)."""

@@ -22,9 +22,10 @@ import click
 import numpy as np
 
 from ops.assets import fetch_asset, smollm2_gguf
+from ops.bench import QualityRun
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
-                              with_earlier_rows, write_result)
+from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table,
+                              with_earlier_datasets, with_earlier_rows, write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
 from tokenizer.sid_table import load_params
@@ -39,32 +40,6 @@ VARIANTS = {
     "cr1": ("PLUM CR1 (random init + CPT)", "random", True),
     "cr2": ("PLUM CR2 (SmolLM2 init + CPT)", "smollm2", True),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class QualityRun:
-    """What one `plum bench quality` invocation trains."""
-
-    datasets: tuple[str, ...]
-    variants: tuple[str, ...]
-    sft_steps: int
-    cpt_steps: int
-    model_size: str
-    keep_layers: int
-    batch_size: int
-    sasrec_epochs: int
-    sid_steps: int | None
-    learning_rate: float = 1e-3
-    dropout: float = 0.0
-    weight_decay: float = 0.01
-    validate_every: int = 0
-    patience: int = 3
-    validation_users: int = 1000
-    ema_decay: float = 0.0
-    beam_width: int = 20
-    sid_init: str = "random"
-    target_sampling: str = "reward"
-    label_smoothing: float = 0.0
 
 
 def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokenizer, encoder: TextEncoder,
@@ -134,20 +109,7 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
             click.echo(f"bench quality: {name}: {row['row']}: R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} "
                        f"({row['train_seconds']:.0f} s training)")
         results[name] = {"sid_metrics": prepared["sid_metrics"], "rows": rows}
-    command = ("plum bench quality" + "".join(f" --dataset {d}" for d in quality.datasets)
-               + "".join(f" --variant {v}" for v in quality.variants)
-               + f" --sft-steps {quality.sft_steps} --cpt-steps {quality.cpt_steps} --model-size {quality.model_size}"
-               f" --keep-layers {quality.keep_layers} --learning-rate {quality.learning_rate:g}"
-               f" --dropout {quality.dropout:g} --weight-decay {quality.weight_decay:g}"
-               f" --validate-every {quality.validate_every}"
-               + (f" --patience {quality.patience} --validation-users {quality.validation_users}"
-                  if quality.validate_every else "")
-               + (f" --ema-decay {quality.ema_decay:g}" if quality.ema_decay else "")
-               + (f" --beam-width {quality.beam_width}" if quality.beam_width != QualityRun.beam_width else "")
-               + (f" --sid-init {quality.sid_init}" if quality.sid_init != QualityRun.sid_init else "")
-               + (f" --target-sampling {quality.target_sampling}"
-                  if quality.target_sampling != QualityRun.target_sampling else "")
-               + (f" --label-smoothing {quality.label_smoothing:g}" if quality.label_smoothing else ""))
+    command = quality.command()
     measured = machine()
     for result in results.values():  # each data set and row says which run produced it
         result.update(command=command, machine=measured, run=dataclasses.asdict(quality))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -9,7 +10,7 @@ import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping
 
 from ops.config import PROJECT_ROOT
 
@@ -35,6 +36,23 @@ def machine() -> dict[str, Any]:
         "commit": commit or None,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def command_line(command: str, run: Any, *, when_changed: Collection[str] = (),
+                 option_names: Mapping[str, str] | None = None) -> str:
+    """The command line that repeats `run`, a dataclass whose fields are `command`'s options in order:
+    `--field-name value` per field (`option_names` maps a field to another option name; a tuple
+    repeats its option; a float prints as %g; None leaves the option out, so its default applies).
+    Fields named in `when_changed` appear only where they differ from the field's default."""
+    parts = [command]
+    for field in dataclasses.fields(run):
+        value = getattr(run, field.name)
+        if value is None or (field.name in when_changed and value == field.default):
+            continue
+        option = "--" + (option_names or {}).get(field.name, field.name.replace("_", "-"))
+        for item in value if isinstance(value, tuple) else (value,):
+            parts.append(f"{option} {item:g}" if isinstance(item, float) else f"{option} {item}")
+    return " ".join(parts)
 
 
 def with_earlier_datasets(path: Path, results: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

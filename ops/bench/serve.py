@@ -45,7 +45,7 @@ from tensorflow_serving.apis import predict_pb2
 from features import FeatureStoreClient
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, ProtocolData, catalogue_frame, prepare
-from ops.bench.report import machine, update_readme_table, write_result
+from ops.bench.report import command_line, machine, update_readme_table, write_result
 from ops.config import PlumConfig
 from ops.processes import ServerProcess, write_config
 from ops.serving_client import K, ServingClient, predict_requests
@@ -91,10 +91,7 @@ class ServeRun:
     swap_concurrency: int = 8
 
     def command(self) -> str:
-        return (f"plum bench serve --model-size {self.model_size} --sft-steps {self.sft_steps} "
-                f"--sid-steps {self.sid_steps} --sasrec-epochs {self.sasrec_epochs} --seconds {self.seconds:g}"
-                + "".join(f" --concurrency {c}" for c in self.concurrency)
-                + f" --swaps {self.swaps} --swap-concurrency {self.swap_concurrency}")
+        return command_line("plum bench serve", self)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

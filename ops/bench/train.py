@@ -85,7 +85,7 @@ def run(sizes: tuple[str, ...], vocab: int, batch: int, length: int, steps: int,
         click.echo(f"bench train: {size}: {row['params']:,} params, {row['tokens_per_s']:,.0f} tokens/s, "
                    f"{row['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s, MFU {row['mfu']:.1%}")
     command = ("plum bench train" + "".join(f" --size {s}" for s in sizes)
-               + f" --vocab {vocab} --batch {batch} --length {length} --steps {steps}"
+               + f" --vocab {vocab} --batch {batch} --length {length} --steps {steps} --peak-size {peak_size}"
                + (f" --smollm2-layers {smollm2_layers}" if "smollm2-135m" in sizes else ""))
     report = {"benchmark": "train", "command": command, "machine": {**machine(), "backend": backend,
               "devices": [str(d) for d in jax.devices()]}, "matmul_peak_flops_per_s": peak, "rows": rows,
