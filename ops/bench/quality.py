@@ -60,7 +60,7 @@ def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokeniz
                f"SID uniqueness before suffix {table.metrics['uniqueness_before_suffix']:.3f}, "
                f"vocabulary {layout.size:,} tokens ({len(layout.text_ids):,} text)")
     return {"data": data, "layout": layout, "catalogue": make_catalogue(layout, sids, titles),
-            "sid_metrics": table.metrics, "codebooks": codebooks}
+            "sid_metrics": table.metrics, "codebooks": codebooks, "tokenizer": settings.model_dump(mode="json")}
 
 
 def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer
@@ -76,7 +76,8 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
                                  target_sampling=run.target_sampling, label_smoothing=run.label_smoothing)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
                         (tokenizer.bos_id, tokenizer.eos_id), codebooks=prepared["codebooks"])
-    return {"row": label, "variant": variant, **row}
+    # The SID settings of the run's configuration (`--config` can change them; the command line cannot).
+    return {"row": label, "variant": variant, "tokenizer": prepared["tokenizer"], **row}
 
 
 def _sasrec_row(prepared: dict[str, Any], run: QualityRun) -> dict[str, Any]:

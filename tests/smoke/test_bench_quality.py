@@ -34,6 +34,7 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     assert rows[1]["settings"]["target_sampling"] == "all" and "--target-sampling all" in report["command"]
     assert rows[1]["settings"]["label_smoothing"] == 0.1 and "--label-smoothing 0.1" in report["command"]
     assert "--sid-steps 30" in report["command"] and "--sasrec-epochs 2" in report["command"]  # repeats the run
+    assert rows[1]["tokenizer"]["steps"] == 30 and rows[1]["tokenizer"]["rqvae"] == {}  # the SID config too
 
 
 def test_the_default_result_keeps_the_rows_and_data_sets_a_run_did_not_train(tmp_path):
