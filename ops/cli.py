@@ -619,13 +619,12 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
 @click.pass_context
-def bench_quality(ctx: click.Context, output: str | None, datasets: tuple[str, ...], variants: tuple[str, ...],
-                  **settings: Any) -> None:
+def bench_quality(ctx: click.Context, output: str | None, **settings: Any) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
     CR2) trained on the same split in the same run, with each model's effective vocabulary."""
     from ops.bench.quality import run
 
-    run(_config(ctx), QualityRun(datasets=tuple(datasets), variants=tuple(variants), **settings), output)
+    run(_config(ctx), QualityRun(**settings), output)
 
 
 @bench.command("train")
