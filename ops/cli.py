@@ -616,6 +616,9 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
               help="SASRec's epoch budget (early stopping on validation Recall@10).")
 @click.option("--sid-steps", type=click.IntRange(min=1), default=QualityRun.sid_steps,
               help="RQ-VAE steps (default from config).")
+@click.option("--seed", type=click.IntRange(min=0), default=QualityRun.seed, show_default=True,
+              help="Seed of the models' initialisation, dropout and example order (SASRec and PLUM); the SIDs "
+                   "keep the configuration's tokenizer seed. Repeat a row with another seed to see its noise.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
 @click.pass_context

@@ -38,10 +38,11 @@ class QualityRun:
     batch_size: int = 64
     sasrec_epochs: int = 200
     sid_steps: int | None = None  # RQ-VAE steps; None: the config's
+    seed: int = 0  # the models' initialisation and example order (the SIDs keep the config's seed)
 
     def command(self) -> str:
         """The command line that repeats this run (the options added after the first recorded runs
         appear only when changed, so that runs on the same settings read the same)."""
         return command_line("plum bench quality", self, option_names={"datasets": "dataset", "variants": "variant"},
                             when_changed=("ema_decay", "beam_width", "sid_init", "target_sampling", "label_smoothing",
-                                          "batch_size", "sasrec_epochs"))
+                                          "batch_size", "sasrec_epochs", "seed"))

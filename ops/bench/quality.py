@@ -73,7 +73,8 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
                                  validate_every=run.validate_every, patience=run.patience,
                                  validation_users=run.validation_users, ema_decay=run.ema_decay,
                                  beam_width=run.beam_width, sid_init=run.sid_init,
-                                 target_sampling=run.target_sampling, label_smoothing=run.label_smoothing)
+                                 target_sampling=run.target_sampling, label_smoothing=run.label_smoothing,
+                                 seed=run.seed)
     row = retrieval_row(settings, prepared["layout"], prepared["catalogue"], prepared["data"], gguf,
                         (tokenizer.bos_id, tokenizer.eos_id), codebooks=prepared["codebooks"])
     # The SID settings of the run's configuration (`--config` can change them; the command line cannot).
@@ -83,7 +84,8 @@ def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Pat
 def _sasrec_row(prepared: dict[str, Any], run: QualityRun) -> dict[str, Any]:
     split = prepared["data"].split
     # Early stopping on validation Recall@10 (checked every 2 epochs, patience 3) ends the run.
-    cfg = SASRecConfig(n_items=split.n_items, max_len=MAX_HISTORY, epochs=run.sasrec_epochs, eval_every=2)
+    cfg = SASRecConfig(n_items=split.n_items, max_len=MAX_HISTORY, epochs=run.sasrec_epochs, eval_every=2,
+                       seed=run.seed)
     started = time.monotonic()
     model, _ = train_sasrec(split, cfg, progress=lambda row: click.echo(
         "sasrec: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())))
