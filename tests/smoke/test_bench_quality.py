@@ -17,7 +17,8 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "quality", "--dataset", "movielens-100k", "--variant", "sasrec",
                                       "--variant", "r1", "--sft-steps", "3", "--sid-steps", "30",
                                       "--sasrec-epochs", "2", "--beam-width", "12", "--sid-init", "codebook",
-                                      "--target-sampling", "all", "--label-smoothing", "0.1", "--output", str(out)])
+                                      "--target-sampling", "all", "--label-smoothing", "0.1", "--seed", "3",
+                                      "--output", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["datasets"]["movielens-100k"]["rows"]
@@ -34,6 +35,8 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     assert rows[1]["settings"]["target_sampling"] == "all" and "--target-sampling all" in report["command"]
     assert rows[1]["settings"]["label_smoothing"] == 0.1 and "--label-smoothing 0.1" in report["command"]
     assert "--sid-steps 30" in report["command"] and "--sasrec-epochs 2" in report["command"]  # repeats the run
+    # the seed reaches both trainers
+    assert rows[0]["settings"]["seed"] == rows[1]["settings"]["seed"] == 3 and "--seed 3" in report["command"]
     assert rows[1]["tokenizer"]["steps"] == 30 and rows[1]["tokenizer"]["rqvae"] == {}  # the SID config too
 
 
