@@ -38,7 +38,7 @@ class QualityRun:
     batch_size: int = 64
     sasrec_epochs: int = 200
     sid_steps: int | None = None  # RQ-VAE steps; None: the config's
-    seed: int = 0  # the models' initialisation and example order (the SIDs keep the config's seed)
+    seed: int = 0  # the models' initialisation, dropout and example order (the SIDs keep the config's seed)
 
     def command(self) -> str:
         """The command line that repeats this run (the options added after the first recorded runs
