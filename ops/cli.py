@@ -572,9 +572,12 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
 @bench.command("quality")
 @click.option("--dataset", "datasets", multiple=True, type=click.Choice(DATASETS),
               default=QualityRun.datasets, show_default=True, help="Data sets to run (repeatable).")
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["sasrec", "r1", "cr1", "cr2"]),
+@click.option("--variant", "variants", multiple=True,
+              type=click.Choice(["sasrec", "sasrec-bce", "r1", "cr1", "cr2"]),
               default=QualityRun.variants, show_default=True,
-              help="Rows: SASRec; PLUM R1 (random init), CR1 (random init + CPT), CR2 (SmolLM2 init + CPT).")
+              help="Rows: SASRec with a full softmax (sasrec) and with BCE against one sampled negative "
+                   "(sasrec-bce), each tuned on validation; PLUM R1 (random init), CR1 (random init + CPT), "
+                   "CR2 (SmolLM2 init + CPT).")
 @click.option("--sft-steps", type=click.IntRange(min=1), default=QualityRun.sft_steps, show_default=True)
 @click.option("--cpt-steps", type=click.IntRange(min=0), default=QualityRun.cpt_steps, show_default=True)
 @click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default=QualityRun.model_size,
@@ -614,11 +617,16 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
               help="Validation users per check (beam search over all of Beauty's 22k would dominate).")
 @click.option("--sasrec-epochs", type=click.IntRange(min=1), default=QualityRun.sasrec_epochs, show_default=True,
               help="SASRec's epoch budget (early stopping on validation Recall@10).")
+@click.option("--sasrec-trials", type=click.IntRange(min=1), default=QualityRun.sasrec_trials, show_default=True,
+              help="Most SASRec runs of the coordinate search over its grid on validation (1: the start point "
+                   "only); each SASRec row then trains the chosen settings once per seed.")
 @click.option("--sid-steps", type=click.IntRange(min=1), default=QualityRun.sid_steps,
               help="RQ-VAE steps (default from config).")
-@click.option("--seed", type=click.IntRange(min=0), default=QualityRun.seed, show_default=True,
-              help="Seed of the models' initialisation, dropout and example order (SASRec and PLUM); the SIDs "
-                   "keep the configuration's tokenizer seed. Repeat a row with another seed to see its noise.")
+@click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True, default=QualityRun.seeds,
+              show_default=True,
+              help="Seed of the models' initialisation, dropout and example order (SASRec and PLUM), repeatable: "
+                   "each row trains one model per seed and reports the mean and spread; the SIDs keep the "
+                   "configuration's tokenizer seed, the SASRec search runs on the first seed.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
 @click.pass_context

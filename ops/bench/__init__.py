@@ -19,7 +19,7 @@ class QualityRun:
     recorded command line's."""
 
     datasets: tuple[str, ...] = ("movielens-100k", "amazon-beauty")
-    variants: tuple[str, ...] = ("sasrec", "r1", "cr1", "cr2")
+    variants: tuple[str, ...] = ("sasrec", "sasrec-bce", "r1", "cr1", "cr2")
     sft_steps: int = 3000
     cpt_steps: int = 1000
     model_size: str = "small"
@@ -38,11 +38,18 @@ class QualityRun:
     batch_size: int = 64
     sasrec_epochs: int = 200
     sid_steps: int | None = None  # RQ-VAE steps; None: the config's
-    seed: int = 0  # the models' initialisation, dropout and example order (the SIDs keep the config's seed)
+    # the models' initialisation, dropout and example order, one model per seed (the SIDs keep the config's seed)
+    seeds: tuple[int, ...] = (0,)
+    sasrec_trials: int = 12  # most runs of each SASRec row's search on validation
 
     def command(self) -> str:
         """The command line that repeats this run (the options added after the first recorded runs
         appear only when changed, so that runs on the same settings read the same)."""
-        return command_line("plum bench quality", self, option_names={"datasets": "dataset", "variants": "variant"},
+        return command_line("plum bench quality", self,
+                            option_names={"datasets": "dataset", "variants": "variant", "seeds": "seed"},
                             when_changed=("ema_decay", "beam_width", "sid_init", "target_sampling", "label_smoothing",
-                                          "batch_size", "sasrec_epochs", "seed"))
+                                          "batch_size", "sasrec_epochs", "seeds", "sasrec_trials"))
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must name at least one seed, each once, got {list(self.seeds)}")

@@ -16,27 +16,37 @@ def test_bench_quality_writes_comparable_rows(tmp_path):
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(cli, ["bench", "quality", "--dataset", "movielens-100k", "--variant", "sasrec",
                                       "--variant", "r1", "--sft-steps", "3", "--sid-steps", "30",
-                                      "--sasrec-epochs", "2", "--beam-width", "12", "--sid-init", "codebook",
-                                      "--target-sampling", "all", "--label-smoothing", "0.1", "--seed", "3",
-                                      "--output", str(out)])
+                                      "--sasrec-epochs", "2", "--sasrec-trials", "2", "--beam-width", "12",
+                                      "--sid-init", "codebook", "--target-sampling", "all", "--label-smoothing",
+                                      "0.1", "--seed", "3", "--seed", "4", "--output", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["datasets"]["movielens-100k"]["rows"]
     assert [r["variant"] for r in rows] == ["sasrec", "r1"]
     for row in rows:
-        assert 0.0 <= row["metrics"]["recall@10"] <= 1.0 and row["metrics"]["effective_vocabulary"] >= 1
+        assert row["seeds"] == [3, 4] and [r["seed"] for r in row["per_seed"]] == [3, 4]
+        per_seed = [r["metrics"]["recall@10"] for r in row["per_seed"]]
+        # the row's figure is the mean of its seeds' test figures, the spread their standard deviation
+        assert row["metrics"]["recall@10"] == pytest.approx(sum(per_seed) / 2)
+        assert row["spread"]["recall@10"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+        assert [r["settings"]["seed"] for r in row["per_seed"]] == [3, 4]  # each seed reached its trainer
+    sasrec = rows[0]
+    # the search ran its two trials on validation, the first seed's model is the chosen trial's
+    assert sasrec["tuning"]["runs"] == 2 and len(sasrec["tuning"]["trials"]) == 2
+    chosen = max(sasrec["tuning"]["trials"], key=lambda t: t["valid_recall@10"])
+    assert sasrec["tuning"]["chosen"] == chosen["point"]
+    assert {k: sasrec["per_seed"][1]["settings"][k] for k in chosen["point"]} == chosen["point"]
     assert rows[1]["metrics"]["users"] == 943  # every test user, as the protocol says
     # Model selection on the validation targets is on by default: one check at the run's only chunk.
-    assert [c["step"] for c in rows[1]["validation"][:-1]] == [3]
-    assert rows[1]["validation"][-1]["selected_step"] == 3
+    assert [c["step"] for c in rows[1]["per_seed"][0]["validation"][:-1]] == [3]
+    assert rows[1]["per_seed"][0]["validation"][-1]["selected_step"] == 3
     assert report["datasets"]["movielens-100k"]["command"] == report["command"]  # each data set's provenance
     assert rows[1]["settings"]["beam_width"] == 12 and "--beam-width 12" in report["command"]
     assert rows[1]["settings"]["sid_init"] == "codebook" and "--sid-init codebook" in report["command"]
     assert rows[1]["settings"]["target_sampling"] == "all" and "--target-sampling all" in report["command"]
     assert rows[1]["settings"]["label_smoothing"] == 0.1 and "--label-smoothing 0.1" in report["command"]
     assert "--sid-steps 30" in report["command"] and "--sasrec-epochs 2" in report["command"]  # repeats the run
-    # the seed reaches both trainers
-    assert rows[0]["settings"]["seed"] == rows[1]["settings"]["seed"] == 3 and "--seed 3" in report["command"]
+    assert "--seed 3 --seed 4" in report["command"] and "--sasrec-trials 2" in report["command"]
     assert rows[1]["tokenizer"]["steps"] == 30 and rows[1]["tokenizer"]["rqvae"] == {}  # the SID config too
 
 

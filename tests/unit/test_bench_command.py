@@ -30,7 +30,7 @@ def test_bench_quality_command_names_every_changed_option():
                          model_size="base", keep_layers=3, learning_rate=2e-3, dropout=0.05, weight_decay=0.3,
                          validate_every=9, patience=4, validation_users=11, ema_decay=0.99, beam_width=12,
                          sid_init="codebook", target_sampling="all", label_smoothing=0.1, batch_size=256,
-                         sasrec_epochs=3, sid_steps=30, seed=1)
+                         sasrec_epochs=3, sid_steps=30, seeds=(1, 2), sasrec_trials=3)
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(QualityRun))
     assert _parsed(changed.command(), QualityRun) == changed
     assert _parsed(QualityRun().command(), QualityRun) == QualityRun()
