@@ -22,7 +22,8 @@ import numpy as np
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serving.api import InvalidRequest, Target, metadata_response, output_arrays, parse_inputs, status_response
+from serving.api import (InvalidRequest, Target, json_values, metadata_response, output_arrays, parse_inputs,
+                         status_response)
 from serving.engine import Request
 from serving.metrics import PATH as METRICS_PATH
 from serving.server import ModelServer
@@ -34,9 +35,8 @@ MAX_BODY = 4 * 1024 * 1024
 
 
 def _arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """JSON inputs as arrays: strings (user ids, history, context) as objects, numbers as numpy infers."""
-    return {k: np.asarray(v, dtype=object if k in ("user_id", "history", "context") else None)
-            for k, v in inputs.items()}
+    """JSON inputs as arrays of the dtype the JSON held (decoded by kind in serving/api.py)."""
+    return {name: json_values(name, value) for name, value in inputs.items()}
 
 
 def _jsonable(array: np.ndarray) -> Any:

@@ -169,6 +169,37 @@ def test_bad_requests_get_invalid_argument_with_a_reason(server, request_, messa
     assert server.predict.Predict(predict_request(), timeout=30).model_spec.version.value >= 1  # still serving
 
 
+def test_stock_client_tensors_of_any_integer_or_float_width_get_the_same_answer(server):
+    """tf.make_tensor_proto of numpy arrays (packed into tensor_content) of any integer width for k and of
+    any float width for history_rewards answer as the canonical request does, over gRPC and over REST."""
+    import numpy as np
+    import tensorflow as tf
+
+    history = ["item-3-0", "item-3-1", "item-3-2"]
+
+    def answer(k, rewards) -> list[str]:
+        request = predict_request(("user-1",), k=5, history=tf.make_tensor_proto(np.array(history)),
+                                  history_rewards=tf.make_tensor_proto(rewards))
+        request.inputs["k"].CopyFrom(tf.make_tensor_proto(k))
+        response = server.predict.Predict(request, timeout=60)
+        return [v.decode() for v in response.outputs["item_ids"].string_val]
+
+    canonical = answer(np.array(4, np.int64), np.array([1.0, 0.0, 1.0], np.float32))
+    assert len(canonical) == 4
+    for k_dtype, reward_dtype in [(np.int8, np.float16), (np.int16, np.float64), (np.int32, np.int32),
+                                  (np.uint8, np.float32), (np.uint64, np.int64)]:
+        assert answer(np.array(4, k_dtype), np.array([1, 0, 1], reward_dtype)) == canonical, (k_dtype, reward_dtype)
+    # A different reward changes the prompt, so the answer is not fixed whatever the inputs are.
+    assert answer(np.array(4, np.int64), np.array([0.0, 1.0, 0.0], np.float32)) != canonical
+    code, body = server.rest("/v1/models/plum:predict", {"instances": [
+        {"user_id": "user-1", "k": 4, "history": history, "history_rewards": [1, 0, 1]}]})
+    assert code == 200 and body["predictions"][0]["item_ids"] == canonical
+    with pytest.raises(grpc.RpcError) as caught:
+        answer(np.array(4.0, np.float32), np.array([1.0, 0.0, 1.0], np.float32))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'k' has dtype DT_FLOAT; expected DT_INT64 or any integer dtype" in caught.value.details()
+
+
 def _versioned(version: int) -> predict_pb2.PredictRequest:
     request = predict_request()
     request.model_spec.version.value = version
