@@ -26,6 +26,7 @@ _USER_ERRORS = {
     "tokenizer.content": ("ContentError",),
     "tokenizer.sid_table": ("SIDTableError",),
     "tokenizer.text_encoder": ("TextEncoderError",),
+    "trainer.warm_start": ("WarmStartError",),
 }
 
 
@@ -486,7 +487,7 @@ def demo(ctx: click.Context, **options: Any) -> None:
 # -- benchmarks -----------------------------------------------------------------------------
 @cli.group()
 def bench() -> None:
-    """Benchmarks: JSON results under ops/bench/results/ and a table in the README."""
+    """Benchmarks: JSON results under ops/bench/results/ and tables in docs/benchmarks.md."""
 
 
 @bench.command("ingest")
@@ -497,7 +498,7 @@ def bench() -> None:
 @click.option("--delay-seconds", type=click.IntRange(min=1), default=20, show_default=True,
               help="How long to offer load for the delay measurement.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/ingest.json, which also updates the README table).")
+              help="Result file (default ops/bench/results/ingest.json, which also updates docs/benchmarks.md).")
 @click.pass_context
 def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int, output: str | None) -> None:
     """End-to-end events/s, p50/p99 event-to-online-feature delay at a fixed offered load, and the
@@ -533,7 +534,7 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
 @click.option("--idle-after-steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="History-only steps the trainer runs before the live phase: the trainer-alone throughput.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/freshness.json, which also updates the README table).")
+              help="Result file (default ops/bench/results/freshness.json, which also updates docs/benchmarks.md).")
 @click.pass_context
 def bench_freshness(ctx: click.Context, output: str | None, **sizes: Any) -> None:
     """Freshness of the whole embedded loop under a live replay: delay from an event's send to (a) its
@@ -558,7 +559,7 @@ def bench_freshness(ctx: click.Context, output: str | None, **sizes: Any) -> Non
               help="Measure only this row (1 SIDv1 ... 5 SID-v2; repeatable); the default result file keeps "
                    "the other rows from the runs that measured them.  [default: every row]")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/sid.json, which also updates the README table).")
+              help="Result file (default ops/bench/results/sid.json, which also updates docs/benchmarks.md).")
 @click.pass_context
 def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, recall_steps: int,
               recall_users: int | None, rows: tuple[int, ...], output: str | None) -> None:
@@ -628,7 +629,7 @@ def bench_sid(ctx: click.Context, datasets: tuple[str, ...], steps: int | None, 
                    "each row trains one model per seed and reports the mean and spread; the SIDs keep the "
                    "configuration's tokenizer seed, the SASRec search runs on the first seed.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/quality.json, which also updates the README table).")
+              help="Result file (default ops/bench/results/quality.json, which also updates docs/benchmarks.md).")
 @click.pass_context
 def bench_quality(ctx: click.Context, output: str | None, **settings: Any) -> None:
     """Leave-one-out, full-catalogue Recall@5/10 and NDCG@5/10 of SASRec and the PLUM rows (R1, CR1,
@@ -650,7 +651,7 @@ def bench_quality(ctx: click.Context, output: str | None, **settings: Any) -> No
 @click.option("--peak-size", type=click.IntRange(min=128), default=2048, show_default=True,
               help="Side of the square float32 matmul that measures the peak.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/train.json, which also updates the README table).")
+              help="Result file (default ops/bench/results/train.json, which also updates docs/benchmarks.md).")
 def bench_train(sizes: tuple[str, ...], smollm2_layers: int, vocab: int, batch: int, length: int, steps: int,
                 peak_size: int, output: str | None) -> None:
     """Training tokens/s and model FLOPs utilisation of the shared CPT/SFT step against a float32
@@ -676,7 +677,7 @@ def bench_train(sizes: tuple[str, ...], smollm2_layers: int, vocab: int, batch: 
 @click.option("--swap-concurrency", type=click.IntRange(min=1, max=256), default=8, show_default=True,
               help="Client threads during the hot swaps.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Result file (default ops/bench/results/serve.json, which also updates the README table).")
+              help="Result file (default ops/bench/results/serve.json, which also updates docs/benchmarks.md).")
 @click.pass_context
 def bench_serve(ctx: click.Context, output: str | None, concurrency: tuple[int, ...], **sizes: Any) -> None:
     """Requests/s and p50/p99 latency of `plum serve` at each concurrency (single-user Predict over gRPC,

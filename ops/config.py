@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import get_type_hints, is_typeddict
 
 from features.config import FeastConfig
 from ingest.config import KafkaConfig, PipelineConfig
@@ -157,7 +158,7 @@ def load_config(
     """Build the configuration from defaults, a YAML file (or $PLUM_CONFIG), the environment and overrides."""
     env = os.environ if env is None else env
     path = path or env.get("PLUM_CONFIG")
-    tree: dict[str, Any] = {}
+    sources: list[tuple[str, Mapping[str, Any]]] = []
     if path:
         file = Path(path)
         if not file.is_file():
@@ -168,13 +169,52 @@ def load_config(
             raise ConfigError(f"Config file {file} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {file} must hold a mapping of sections (kafka:, paths:, ...).")
-        tree = loaded
-    tree = _merge(tree, _env_overrides(env))
-    tree = _merge(tree, overrides or {})
+        sources.append((f"config file {file}", loaded))
+    sources += [("the environment", _env_overrides(env)), ("the command-line options", overrides or {})]
+    tree: dict[str, Any] = {}
+    for _, layer in sources:
+        tree = _merge(tree, layer)
     try:
         return PlumConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err, sources) for err in exc.errors())
         raise ConfigError(f"Invalid configuration: {problems}.") from None
+
+
+def _problem(err: Any, sources: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """One validation error as `section.key: what is wrong`; an unknown key (extra="forbid", in any
+    section) also says which layer set it and which keys its section takes."""
+    loc = [str(part) for part in err["loc"]]
+    where = ".".join(loc)
+    if err["type"] != "extra_forbidden":
+        return f"{where}: {err['msg']}"
+    origin = next((name for name, layer in reversed(sources) if _holds(layer, loc)), "the configuration")
+    if origin == "the environment":
+        origin = f"the environment variable {ENV_PREFIX}{'__'.join(loc).upper()}"
+    known = _section_keys(loc[:-1])
+    takes = f"; {'.'.join(loc[:-1]) or 'the config'} takes {', '.join(known)}" if known else ""
+    return f"{where}: unknown key (set in {origin}){takes}"
+
+
+def _holds(tree: Any, loc: list[str]) -> bool:
+    for key in loc:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def _section_keys(loc: list[str]) -> list[str]:
+    """The keys of the config section at loc (a pydantic model or a TypedDict); [] if loc is no section."""
+    section: Any = PlumConfig
+    for key in [*loc, None]:
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            fields = {name: info.annotation for name, info in section.model_fields.items()}
+        elif is_typeddict(section):
+            fields = get_type_hints(section)
+        else:
+            break
+        if key is None:
+            return list(fields)
+        section = fields.get(key)
+    return []

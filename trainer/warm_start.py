@@ -22,7 +22,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from trainer.model import Decoder, DecoderConfig
 
-_FETCH_HINT = "fetch it with `plum assets fetch smollm2`"
+
+def _fetch_hint(path: str | os.PathLike[str]) -> str:
+    # The asset cache trusts a folder it once completed, so `plum assets fetch` alone keeps a damaged copy.
+    folder = os.path.dirname(os.path.abspath(path))
+    return f"delete {folder} if it is the asset cache's copy, then run `plum assets fetch smollm2`"
+
+
 # GGUF tensor name within block i -> its parameter path in trainer.model.DecoderBlock.
 _BLOCK_TENSORS = {
     "attn_norm": ("attn_norm", "weight"),
@@ -43,7 +49,7 @@ class WarmStartError(ValueError):
 
 def _open(path: str | os.PathLike[str]) -> gguf.GGUFReader:
     if not os.path.isfile(path):
-        raise WarmStartError(f"GGUF file {path} does not exist; {_FETCH_HINT}.")
+        raise WarmStartError(f"GGUF file {path} does not exist; {_fetch_hint(path)}.")
     stat = os.stat(path)
     return _parse(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
 
@@ -55,7 +61,7 @@ def _parse(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except ValueError as error:
-        raise WarmStartError(f"{path} is not a readable GGUF file ({error}); {_FETCH_HINT}.") from error
+        raise WarmStartError(f"{path} is not a readable GGUF file ({error}); {_fetch_hint(path)}.") from error
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

@@ -47,3 +47,27 @@ def test_bad_config_is_one_clear_sentence(tmp_path, text, fragment):
 def test_missing_config_file_is_reported():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/plum.yaml", env={})
+
+
+def test_an_unknown_key_names_where_it_was_set_and_what_the_section_takes(tmp_path):
+    file = tmp_path / "plum.yaml"
+    file.write_text("serving:\n  beam_widht: 4\n")
+    with pytest.raises(ConfigError, match=r"serving.beam_widht: unknown key \(set in config file .*plum.yaml\);"
+                                          r" serving takes .*beam_width") as caught:
+        load_config(file, env={})
+    assert "Traceback" not in str(caught.value)
+    with pytest.raises(ConfigError, match="set in the environment variable PLUM_SERVING__BEAM_WIDHT"):
+        load_config(env={"PLUM_SERVING__BEAM_WIDHT": "4"})
+
+
+def test_the_rqvae_section_is_typed_and_keeps_left_out_keys_unset(tmp_path):
+    file = tmp_path / "plum.yaml"
+    file.write_text("tokenizer:\n  rqvae:\n    latent_dim: 16\n    codebook_sizes: [64, 32]\n")
+    rqvae = load_config(file, env={}).tokenizer.rqvae
+    assert rqvae == {"latent_dim": 16, "codebook_sizes": (64, 32)}  # no defaults filled in
+    file.write_text("tokenizer:\n  rqvae:\n    latent_dims: 16\n")
+    with pytest.raises(ConfigError, match="tokenizer.rqvae.latent_dims: unknown key.*takes .*latent_dim"):
+        load_config(file, env={})
+    file.write_text("tokenizer:\n  rqvae:\n    codebook_sizes: [1]\n")
+    with pytest.raises(ConfigError, match="tokenizer.rqvae.codebook_sizes.0"):
+        load_config(file, env={})
