@@ -437,7 +437,12 @@ class ContinuousTrainer:
                               "served": report.get("served")},
                         parent_checkpoint=str(self.paths.checkpoints / str(step)),
                         cpt_checkpoint=self.origin["cpt_checkpoint"], gate=reason, step=step)
+        ledger = self.stream.ledger
+        manifest["fresh_examples"] = {"since_version": self.exports[-1]["version"] if self.exports else None,
+                                      "ledger": ledger.counts(), "event_ids": ledger.since_export}
+        self.manager.wait_until_finished()  # a version is committed only after its checkpoint is final
         path = export_version(self.paths.model_dir, self.loop.model(), manifest, self.items.item_ids, self.items.sids)
+        ledger.since_export = {}
         self.exports.append({"version": int(path.name), "step": step, "at": _now(), "watermark": watermark,
                              "recall@10": report["model"]["recall@10"], "gate": reason})
         self.say(f"train continuous: exported version {path.name} ({reason})")
@@ -450,8 +455,7 @@ class ContinuousTrainer:
                 "catalogue_items": len(self.items.item_ids), "log_files_read": len(self.stream.files),
                 "events_read": len(self.stream.events), "held_out": len(self.stream.pending),
                 "waiting": len(self.stream.released),
-                "fresh": {"taken": ledger.taken, "trained": ledger.trained,
-                          "dropped_by_reward": ledger.dropped_by_reward, "without_sid": ledger.without_sid},
+                "fresh": ledger.counts(),
                 "watermark": self.stream.watermark(), "last_checkpoint": self.last_checkpoint,
                 "last_eval": self.last_eval, "exports": self.exports[-5:],
                 "seconds": {key: round(value, 3) for key, value in self.seconds.items()}, "updated_at": _now()}

@@ -94,11 +94,19 @@ class Ledger:
     trained: int = 0
     dropped_by_reward: int = 0
     without_sid: int = 0
+    # The event ids taken since the last servable version, by outcome: the next version's manifest
+    # lists them (`fresh_examples`), so a reader can tell which version first trained on an event.
+    since_export: dict[str, list[str]] = field(default_factory=dict)
 
     def take(self, event_id: str, outcome: str) -> None:
         self.taken += 1
         self.digest = (self.digest + event_digest([event_id])) % DIGEST_MOD
         setattr(self, outcome, getattr(self, outcome) + 1)
+        self.since_export.setdefault(outcome, []).append(event_id)
+
+    def counts(self) -> dict[str, int]:
+        return {"taken": self.taken, "trained": self.trained, "dropped_by_reward": self.dropped_by_reward,
+                "without_sid": self.without_sid}
 
 
 @dataclass
@@ -184,7 +192,9 @@ class Stream:
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores to restore this stream exactly."""
         return {"files": sorted(self.files), "pending": list(self.pending), "released": list(self.released),
-                "ledger": vars(self.ledger).copy() | {"digest": str(self.ledger.digest)},
+                "ledger": vars(self.ledger) | {"digest": str(self.ledger.digest),
+                                                 "since_export": {o: list(ids) for o, ids in
+                                                                  self.ledger.since_export.items()}},
                 "base_watermark": self.base_watermark}
 
     @classmethod

@@ -33,6 +33,14 @@ What is measured, for each probe (send time taken right after the producer accep
 (b') send -> taken for training: the same with the watermark in the trainer's status file (written
     every 5 s and at each checkpoint): the part of (b) before the trainer took the probe; the rest is
     waiting for a checkpoint that passes the export gates;
+(b'') send -> first servable version that trained on it: a watermark covers every event the trainer
+    took, including those reward sampling dropped (about 30% of MovieLens events: a rating r is kept
+    with probability r / 5) and, because it is a per-partition offset, events of a later file not yet
+    read. Each version's manifest lists the fresh examples the trainer took since the version before
+    it, by outcome (`fresh_examples`: trained, dropped_by_reward, without_sid, with the ledger's
+    counts); the delay is to the first version seen that lists the probe as trained. Probes listed as
+    dropped were never trained as fresh examples (they may still be a target of a later window the
+    trainer draws from its history pool), and are counted;
 throughput: the trainer's own tokens/s per report window (5 s of wall clock, so a window with a
     checkpoint boundary includes its save and evaluation: while load is offered, the evaluations the
     stream causes count against training, as they do in production): medians alone and while load
@@ -63,7 +71,7 @@ from ingest.producer import EventProducer
 from ingest.replay import replay
 from ingest.training_log import read_training_log
 from ops.bench.ingest import OnlineObserver, _delays, warm_up
-from ops.bench.report import command_line, machine, update_readme_table, write_result
+from ops.bench.report import command_line, machine, update_benchmarks_table, write_result
 from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
@@ -79,6 +87,7 @@ from trainer.config import TrainerSettings
 from trainer.servable import version_numbers
 
 TARGET_VERSION_DELAY_S = 300.0
+FRESH_OUTCOMES = ("trained", "dropped_by_reward", "without_sid")  # trainer/stream.py Ledger
 ONLINE_POLL_S = 0.25
 TRAINER_POLL_S = 0.5
 REPORT_EVERY_S = 5.0  # the trainer's status cadence: the throughput windows
@@ -132,13 +141,46 @@ def coverage_delays(probes: dict[str, tuple[int, int]], sent_at: dict[str, float
     offset); probes none covers are left out. `watermarks` in the order seen, each with "seen_at"
     (the clock of `sent_at`) and "offsets" ({partition: last offset}): servable versions' manifests,
     or the trainer's status."""
-    delays = {}
+    return {e: watermarks[index]["seen_at"] - sent_at[e] for e, index in first_covering(probes, watermarks).items()}
+
+
+def first_covering(probes: dict[str, tuple[int, int]], watermarks: list[dict[str, Any]]) -> dict[str, int]:
+    """The index of the first watermark that includes each probe's (partition, offset); probes none covers
+    are left out."""
+    first = {}
     for event_id, (partition, offset) in probes.items():
-        for watermark in watermarks:
+        for index, watermark in enumerate(watermarks):
             if watermark["offsets"].get(str(partition), -1) >= offset:
-                delays[event_id] = watermark["seen_at"] - sent_at[event_id]
+                first[event_id] = index
                 break
-    return delays
+    return first
+
+
+def fresh_outcomes(versions: list[dict[str, Any]]) -> dict[str, tuple[str, int]] | None:
+    """Each fresh example's outcome and the index (in `versions`, the order seen) of the first version
+    whose manifest lists it among the examples the trainer took since the version before; None when a
+    version's manifest does not record them (a trainer without `fresh_examples`)."""
+    if not versions or any(version["fresh"] is None for version in versions):
+        return None
+    outcomes: dict[str, tuple[str, int]] = {}
+    for index, version in enumerate(versions):
+        for outcome in FRESH_OUTCOMES:
+            for event_id in version["fresh"]["event_ids"].get(outcome, []):
+                outcomes.setdefault(event_id, (outcome, index))
+    return outcomes
+
+
+def fresh_record(versions: list[dict[str, Any]], outcomes: dict[str, tuple[str, int]] | None) -> dict[str, Any]:
+    """What the manifests' lists add up to, against the newest version's ledger (the trainer's own
+    counts of every fresh example taken in its lineage); `chain_complete`: every version's list starts
+    at the version seen before it, so nothing was taken between two lists."""
+    if outcomes is None:
+        return {"recorded": False, "reason": "the servable versions' manifests have no fresh_examples "
+                                             "(trainer/continuous.py does not record them)"}
+    chain = [version["fresh"].get("since_version") for version in versions]
+    return {"recorded": True, "ledger": versions[-1]["fresh"]["ledger"],
+            "listed": {o: sum(1 for outcome, _ in outcomes.values() if outcome == o) for o in FRESH_OUTCOMES},
+            "chain_complete": chain == [None] + [version["version"] for version in versions[:-1]]}
 
 
 class TrainerObserver(threading.Thread):
@@ -188,7 +230,7 @@ class TrainerObserver(threading.Thread):
                               "watermark_events": watermark.get("events"), "watermark_event_time": newest,
                               "watermark_lag_s": lag,
                               "recall@10": evaluation.get("recall@10"), "eval_examples": evaluation.get("examples"),
-                              "gate": manifest.get("gate")})
+                              "gate": manifest.get("gate"), "fresh": manifest.get("fresh_examples")})
 
 
 def throughput(samples: list[dict[str, Any]], phase: str) -> dict[str, Any]:
@@ -387,6 +429,13 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
     ratio = (round(beside["tokens_per_s"] / alone["tokens_per_s"], 3)
              if beside["tokens_per_s"] and alone["tokens_per_s"] else None)
     version_figures = percentiles(list(reached.values()))
+    outcomes = fresh_outcomes(observer.versions)
+    probe_outcomes = {e: outcomes[e] for e in live.sent_at if e in outcomes} if outcomes is not None else {}
+    trained_version = {e: observer.versions[index]["seen_at"] - live.sent_at[e]
+                       for e, (outcome, index) in probe_outcomes.items() if outcome == "trained"}
+    by_outcome = {o: sum(1 for outcome, _ in probe_outcomes.values() if outcome == o) if outcomes is not None else None
+                  for o in FRESH_OUTCOMES}
+    reached_in = first_covering(positions, observer.versions)
     live_start = live.started_at
     report: dict[str, Any] = {
         "benchmark": "freshness",
@@ -402,35 +451,61 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
                               "probes_not_seen": len(live.sent_at) - len(feature_delays)},
         "to_servable_version": {**version_figures, "probes_reached": len(reached),
                                 "probes_not_reached": len(live.sent_at) - len(reached),
-                                "probes_not_in_training_log": len(live.sent_at) - len(positions)},
+                                "probes_not_in_training_log": len(live.sent_at) - len(positions),
+                                **{f"delay_to_trained_version_{k}": v
+                                   for k, v in percentiles(list(trained_version.values())).items()},
+                                **{f"probes_{o}": n for o, n in by_outcome.items()},
+                                "probes_not_taken": len(live.sent_at) - len(probe_outcomes)
+                                if outcomes is not None else None},
+        "fresh_examples_record": fresh_record(observer.versions, outcomes),
         "to_taken_for_training": {**percentiles(list(trained.values())), "probes_taken": len(trained),
                                   "resolution_s": REPORT_EVERY_S},
         "checkpoints_while_load_offered": len(checkpoints),
-        "versions": [{k: v for k, v in version.items() if k not in ("offsets", "seen_at")}
-                     | {"seen_after_live_start_s": round(version["seen_at"] - live_start, 1)}
-                     for version in observer.versions],
+        "versions": [{k: v for k, v in version.items() if k not in ("offsets", "seen_at", "fresh")}
+                     | {"seen_after_live_start_s": round(version["seen_at"] - live_start, 1),
+                        "probes_reached_first": sum(index == seen for index in reached_in.values()),
+                        "probes_trained_first": sum(index == seen for outcome, index in probe_outcomes.values()
+                                                    if outcome == "trained"),
+                        "fresh_examples": None if version["fresh"] is None else {
+                            "since_version": version["fresh"].get("since_version"),
+                            "ledger": version["fresh"]["ledger"],
+                            **{o: len(version["fresh"]["event_ids"].get(o, [])) for o in FRESH_OUTCOMES}}}
+                     for seen, version in enumerate(observer.versions)],
         "trainer_throughput": {"alone": alone, "beside_live_pipeline": beside, "ratio": ratio},
         "trainer_time_while_load_offered": time_shares(observer.samples, "load"),
         "target": {"to_servable_version_s": f"<= {TARGET_VERSION_DELAY_S:.0f}",
                    "met": len(reached) == len(live.sent_at) > 0
-                   and max(reached.values()) <= TARGET_VERSION_DELAY_S},
+                   and max(reached.values()) <= TARGET_VERSION_DELAY_S,
+                   # the same bound on (b''): every probe the trainer kept is in a version that trained on it
+                   "met_by_trained_version": None if outcomes is None else
+                   len(probe_outcomes) == len(live.sent_at) and len(trained_version) > 0
+                   and max(trained_version.values()) <= TARGET_VERSION_DELAY_S},
     }
     path = write_result("freshness", report, output)
     if output is None:  # the README shows the default result file, not ad-hoc runs
-        update_readme_table("freshness", readme_table(report))
+        update_benchmarks_table("freshness", readme_table(report))
     click.echo(f"bench freshness: to online feature p50 {report['to_online_feature']['p50_s']} s, "
                f"p99 {report['to_online_feature']['p99_s']} s; to servable version p50 {version_figures['p50_s']} s, "
                f"p99 {version_figures['p99_s']} s, max {version_figures['max_s']} s "
-               f"({report['to_servable_version']['probes_not_reached']} probes not reached); "
+               f"({report['to_servable_version']['probes_not_reached']} probes not reached); to the first version "
+               f"that trained on it p50 {report['to_servable_version']['delay_to_trained_version_p50_s']} s, "
+               f"p99 {report['to_servable_version']['delay_to_trained_version_p99_s']} s "
+               f"({report['to_servable_version']['probes_dropped_by_reward']} probes dropped by reward sampling); "
                f"trainer tokens/s ratio beside/alone {ratio}")
     click.echo(f"bench freshness: wrote {path}")
     return report
 
 
-def _figures(delays: dict[str, Any]) -> str:
-    if delays["p50_s"] is None:
+def _figures(delays: dict[str, Any], prefix: str = "") -> str:
+    if delays[f"{prefix}p50_s"] is None:
         return "none reached"
-    return f"{delays['p50_s']} / {delays['p99_s']} / {delays['max_s']}"
+    return f"{delays[prefix + 'p50_s']} / {delays[prefix + 'p99_s']} / {delays[prefix + 'max_s']}"
+
+
+def _untrained(b: dict[str, Any]) -> str:
+    if b["probes_trained"] is None:
+        return "not recorded by this trainer"
+    return f"{b['probes_dropped_by_reward']:,} / {b['probes_without_sid']:,} / {b['probes_not_taken']:,}"
 
 
 def _shares(time: dict[str, Any]) -> str:
@@ -453,6 +528,10 @@ def readme_table(report: dict[str, Any]) -> str:
         f"| (b) send to first servable version whose watermark includes it, p50 / p99 / max (s) | "
         f"{_figures(b)} |\n"
         f"| of which send to taken for training (b'), p50 / p99 / max (s) | {_figures(tt)} |\n"
+        f"| (b'') send to first servable version that trained on it (kept by reward sampling), p50 / p99 / max (s) | "
+        f"{_figures(b, 'delay_to_trained_version_') if b['probes_trained'] is not None else 'not recorded'} |\n"
+        f"| probes never trained as fresh examples: dropped by reward sampling / no SID / not taken | "
+        f"{_untrained(b)} |\n"
         f"| probes in no version after waiting {live['waited_after_last_probe_s']:.0f} s past the last | "
         f"{b['probes_not_reached']:,} |\n"
         f"| servable versions exported / checkpoints while load was offered | {len(report['versions'])} / "

@@ -203,6 +203,24 @@ def test_an_item_that_becomes_popular_enters_the_top_k_after_the_next_export(tmp
     # Control: the model from before the hits, decoding over the same catalogue, does not rank it.
     assert not any("item-0-hit" in row for row in top_10(old_model)), top_10(old_model)
 
+    # Each version's manifest lists the fresh examples taken since the version before it, by outcome:
+    # in a run without restarts every event appears once, the lists add up to the ledger's counts,
+    # and a version lists as trained only events its watermark covers.
+    manifests = [load_version(paths.model_dir, n)[1] for n in after]
+    assert [m["fresh_examples"]["since_version"] for m in manifests] == [None] + after[:-1]
+    listed: dict[str, str] = {}
+    for number, manifest in zip(after, manifests):
+        for outcome, ids in manifest["fresh_examples"]["event_ids"].items():
+            assert not set(ids) & set(listed), (number, outcome)
+            listed.update(dict.fromkeys(ids, outcome))
+        counts = manifest["fresh_examples"]["ledger"]
+        assert counts["taken"] == len(listed) == sum(counts[o] for o in ("trained", "dropped_by_reward", "without_sid"))
+        assert counts["trained"] == sum(o == "trained" for o in listed.values())
+        offsets = manifest["data_watermark"]["offsets"]
+        covered = {e.event_id for e in trainer.stream.events.values() if offsets.get(str(e.order[1]), -1) >= e.order[2]}
+        assert {e for e, o in listed.items() if o == "trained"} <= covered, number
+    assert "dropped_by_reward" in set(listed.values()) and "trained" in set(listed.values())
+
 
 def test_a_version_that_fails_its_gate_is_not_exported_and_the_reason_is_logged(tmp_path):
     paths, log, cpt = _world(tmp_path, history_steps=6)
