@@ -1,4 +1,4 @@
-"""`plum bench ...`: benchmarks that write JSON under ops/bench/results/ and a README table."""
+"""`plum bench ...`: benchmarks that write JSON under ops/bench/results/ and tables in docs/benchmarks.md."""
 
 from __future__ import annotations
 

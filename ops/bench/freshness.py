@@ -360,7 +360,7 @@ def _bootstrap(cfg: PlumConfig, items: list[ItemUpsert], history: list[Engagemen
 
 
 def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict[str, Any]:
-    """Run the loop on a fresh embedded stack; write the JSON (and the README table for the default file)."""
+    """Run the loop on a fresh embedded stack; write the JSON (and the docs/benchmarks.md table for the default file)."""
     state = Path(tempfile.mkdtemp(prefix="plum-bench-"))
     cfg = cfg.model_copy(update={
         "paths": cfg.paths.model_copy(update={"state_dir": str(state / "stack"), "model_base": ""}),
@@ -482,7 +482,7 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
                    and max(trained_version.values()) <= TARGET_VERSION_DELAY_S},
     }
     path = write_result("freshness", report, output)
-    if output is None:  # the README shows the default result file, not ad-hoc runs
+    if output is None:  # docs/benchmarks.md shows the default result file, not ad-hoc runs
         update_benchmarks_table("freshness", readme_table(report))
     click.echo(f"bench freshness: to online feature p50 {report['to_online_feature']['p50_s']} s, "
                f"p99 {report['to_online_feature']['p99_s']} s; to servable version p50 {version_figures['p50_s']} s, "

@@ -33,7 +33,7 @@ from ingest.kafka_clients import make_consumer
 from ingest.pipeline import counters
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
-from ops.bench.report import machine, update_readme_table, write_result
+from ops.bench.report import machine, update_benchmarks_table, write_result
 from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
@@ -202,7 +202,7 @@ def measure_catch_up(cfg: PlumConfig) -> dict[str, Any]:
 
 def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds: int = 20,
         output: str | None = None) -> dict[str, Any]:
-    """Run every phase on a fresh embedded stack; write the JSON and the README table."""
+    """Run every phase on a fresh embedded stack; write the JSON and the table in docs/benchmarks.md."""
     state = Path(tempfile.mkdtemp(prefix="plum-bench-"))
     cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"state_dir": str(state / "stack")})})
     broker = EmbeddedBroker(cfg.paths.state("logs", "broker.log"))
@@ -243,8 +243,8 @@ def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds:
         "targets": {"streaming_events_per_s": ">= 10000", "delay_p99_s_at_2000_per_s": "< 2"},
     }
     path = write_result("ingest", report, output)
-    if output is None:  # the README shows the default result file, not ad-hoc runs
-        update_readme_table("ingest", readme_table(report))
+    if output is None:  # docs/benchmarks.md shows the default result file, not ad-hoc runs
+        update_benchmarks_table("ingest", readme_table(report))
     click.echo(f"bench: wrote {path}")
     return report
 

@@ -28,7 +28,7 @@ import numpy as np
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench import QualityRun
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
-from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table,
+from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_benchmarks_table,
                               with_earlier_datasets, with_earlier_rows, write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
@@ -215,7 +215,7 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
                                  "tuned SASRec": {"recall@10": 0.0740, "ndcg@10": 0.0423}}}
     path = write_result("quality", report, output)
     if output is None:
-        update_readme_table("quality", readme_table(report))
+        update_benchmarks_table("quality", readme_table(report))
     click.echo(f"bench quality: wrote {path}")
     return report
 

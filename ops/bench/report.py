@@ -1,4 +1,4 @@
-"""Benchmark results: machine facts, the JSON file, and the README table between markers."""
+"""Benchmark results: machine facts, the JSON file, and the table between markers in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Collection, Mapping
 from ops.config import PROJECT_ROOT
 
 RESULTS_DIR = PROJECT_ROOT / "ops" / "bench" / "results"
-README = PROJECT_ROOT / "README.md"
+BENCHMARKS_DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 
 
 def machine() -> dict[str, Any]:
@@ -94,7 +94,7 @@ def with_earlier_rows(path: Path, results: dict[str, Any], key: str, order: list
 
 
 def provenance_lines(report: dict[str, Any], by_row: bool = False) -> list[str]:
-    """README lines saying when, at which commit and with which command a merged report's figures
+    """Lines under a table saying when, at which commit and with which command a merged report's figures
     were measured: one per data set, or with `by_row` one per run that measured some of a data
     set's rows (each row then carries its own command and machine), naming the rows where a data
     set's rows come from more than one run."""
@@ -118,13 +118,14 @@ def write_result(name: str, result: dict[str, Any], output: str | None = None) -
     return path
 
 
-def update_readme_table(name: str, table: str, readme: Path = README) -> bool:
-    """Replace the block between <!-- bench:NAME --> and <!-- /bench:NAME --> in the README."""
-    if not readme.is_file():
+def update_benchmarks_table(name: str, table: str, doc: Path = BENCHMARKS_DOC) -> bool:
+    """Replace the block between <!-- bench:NAME --> and <!-- /bench:NAME --> in docs/benchmarks.md;
+    False (nothing written) where the file or that marker pair is missing."""
+    if not doc.is_file():
         return False
-    text = readme.read_text()
+    text = doc.read_text()
     pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda m: m.group(1) + table.rstrip() + "\n" + m.group(2), text))
+    doc.write_text(pattern.sub(lambda m: m.group(1) + table.rstrip() + "\n" + m.group(2), text))
     return True

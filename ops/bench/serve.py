@@ -45,7 +45,7 @@ from tensorflow_serving.apis import predict_pb2
 from features import FeatureStoreClient
 from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench.protocol import MAX_HISTORY, ProtocolData, catalogue_frame, prepare
-from ops.bench.report import command_line, machine, update_readme_table, write_result
+from ops.bench.report import command_line, machine, update_benchmarks_table, write_result
 from ops.config import PlumConfig
 from ops.processes import ServerProcess, write_config
 from ops.serving_client import K, ServingClient, predict_requests
@@ -383,7 +383,7 @@ def _serve_levels(server: BenchServer, requests: list[predict_pb2.PredictRequest
 
 def run(cfg: PlumConfig, serve_run: ServeRun, output: str | None = None) -> dict[str, Any]:
     """Build both models in a temporary state, measure them behind `plum serve`; write the JSON (and the
-    README table for the default file)."""
+    table in docs/benchmarks.md for the default file)."""
     state = Path(tempfile.mkdtemp(prefix="plum-bench-serve-"))
     cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={
         "state_dir": str(state / "stack"), "model_base": "", "model_name": PLUM})})
@@ -452,8 +452,8 @@ def run(cfg: PlumConfig, serve_run: ServeRun, output: str | None = None) -> dict
     }
     report["targets"] = targets(report)
     path = write_result("serve", report, output)
-    if output is None:  # the README shows the default result file, not ad-hoc runs
-        update_readme_table("serve", readme_table(report))
+    if output is None:  # docs/benchmarks.md shows the default result file, not ad-hoc runs
+        update_benchmarks_table("serve", readme_table(report))
     click.echo("bench serve: targets: " + "; ".join(f"{t['target']}: {'met' if t['met'] else 'NOT met'}"
                                                     for t in report["targets"].values()))
     click.echo(f"bench serve: wrote {path}")

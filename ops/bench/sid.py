@@ -23,8 +23,8 @@ from ingest.datasets import to_events
 from ops.assets import fetch_asset
 from ops.bench import SFT_RECIPE
 from ops.bench.protocol import ProtocolData, catalogue_frame, cooccurrences, prepare, retrieval_row
-from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_readme_table, with_earlier_datasets,
-                              with_earlier_rows, write_result)
+from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_benchmarks_table,
+                              with_earlier_datasets, with_earlier_rows, write_result)
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from tokenizer.config import TokenizeSettings
@@ -151,7 +151,7 @@ def run(cfg: PlumConfig, datasets: tuple[str, ...], steps: int | None, output: s
               "targets": {"sid_v2_uniqueness_before_suffix": ">= 0.95", "every_level_utilisation": ">= 0.5"}}
     path = write_result("sid", report, output)
     if output is None:
-        update_readme_table("sid", readme_table(report))
+        update_benchmarks_table("sid", readme_table(report))
     click.echo(f"bench sid: wrote {path}")
     return report
 
