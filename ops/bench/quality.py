@@ -17,6 +17,7 @@ the pipeline's state store over the training part of the split only, so no test 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ops.assets import fetch_asset, smollm2_gguf
 from ops.bench import QualityRun
 from ops.bench.protocol import MAX_HISTORY, catalogue_frame, prepare, retrieval_row
 from ops.bench.report import (RESULTS_DIR, machine, provenance_lines, update_benchmarks_table,
-                              with_earlier_datasets, with_earlier_rows, write_result)
+                              with_earlier_datasets, with_earlier_rows, write_json, write_result)
 from ops.config import PlumConfig
 from tokenizer.jobs import fit as fit_sids
 from trainer.tuning import coordinate_search
@@ -78,7 +79,7 @@ def _prepare(name: str, cfg: PlumConfig, run: QualityRun, tokenizer: TextTokeniz
     click.echo(f"bench quality: {name}: {len(data.sequences.user_ids):,} users, {data.split.n_items:,} items, "
                f"SID uniqueness before suffix {table.metrics['uniqueness_before_suffix']:.3f}, "
                f"vocabulary {layout.size:,} tokens ({len(layout.text_ids):,} text)")
-    return {"data": data, "layout": layout, "catalogue": make_catalogue(layout, sids, titles),
+    return {"name": name, "data": data, "layout": layout, "catalogue": make_catalogue(layout, sids, titles),
             "sid_metrics": table.metrics, "codebooks": codebooks, "tokenizer": settings.model_dump(mode="json")}
 
 
@@ -98,14 +99,60 @@ def _plum_seed(variant: str, prepared: dict[str, Any], run: QualityRun, seed: in
                          (tokenizer.bos_id, tokenizer.eos_id), codebooks=prepared["codebooks"])
 
 
-def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer
-              ) -> dict[str, Any]:
-    """One trained model per seed, each evaluated on test once; the recipe is fixed (no search in the run)."""
-    per_seed = []
+class SeedRecords:
+    """Finished seeds of PLUM rows kept on disk until their row is written, so that a run stopped
+    between seeds (a PLUM seed takes most of an hour here) is continued by the same command: a seed is
+    reused only for the same data set, variant, settings (every QualityRun field but the seeds, the
+    data sets and the variants) and a clean commit that is the current one. The row names the seeds
+    it took from an earlier process."""
+
+    def __init__(self, folder: Path, run: QualityRun, commit: str | None) -> None:
+        self.folder, self.commit = folder, commit
+        self.settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("seeds", "datasets", "variants")}
+
+    def _path(self, dataset: str, variant: str, seed: int) -> Path:
+        return self.folder / f"{dataset}-{variant}-seed{seed}.json"
+
+    def _usable(self) -> bool:
+        return bool(self.commit) and not self.commit.endswith("+uncommitted")
+
+    def load(self, dataset: str, variant: str, seed: int) -> dict[str, Any] | None:
+        path = self._path(dataset, variant, seed)
+        if not self._usable() or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if (record["commit"], record["settings"]) != (self.commit, json.loads(json.dumps(self.settings))):
+            return None
+        return record["result"]
+
+    def save(self, dataset: str, variant: str, seed: int, result: dict[str, Any]) -> None:
+        if self._usable():
+            write_json(self._path(dataset, variant, seed),
+                       {"commit": self.commit, "settings": self.settings, "result": result})
+
+    def clear(self, dataset: str, variant: str, seeds: tuple[int, ...]) -> None:
+        for seed in seeds:
+            self._path(dataset, variant, seed).unlink(missing_ok=True)
+
+
+def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer,
+              records: SeedRecords) -> dict[str, Any]:
+    """One trained model per seed, each evaluated on test once; the recipe is fixed (no search in the run).
+    A seed that an earlier process of the same command finished (SeedRecords) is taken as it was."""
+    per_seed, resumed = [], []
     for seed in run.seeds:
-        per_seed.append({"seed": seed, **_plum_seed(variant, prepared, run, seed, gguf, tokenizer)})
+        result = records.load(prepared["name"], variant, seed)
+        if result is None:
+            result = {"seed": seed, **_plum_seed(variant, prepared, run, seed, gguf, tokenizer)}
+            records.save(prepared["name"], variant, seed, result)
+        else:
+            resumed.append(seed)
+            click.echo(f"bench quality: {VARIANTS[variant][0]} seed {seed}: finished by an earlier run of this "
+                       f"command at commit {records.commit}; taken from {records.folder}")
+        per_seed.append(result)
         _say_seed(VARIANTS[variant][0], per_seed[-1])
     row = seeded_row(VARIANTS[variant][0], variant, per_seed)
+    row["seeds_from_an_earlier_process"] = resumed
     # The SID settings of the run's configuration (`--config` can change them; the command line cannot).
     row.update(tokenizer=prepared["tokenizer"],
                tuning={"runs": 0, "wall_clock_s": 0.0, "method": "none in this run: the command's recipe"})
@@ -185,6 +232,8 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
     encoder = TextEncoder(fetch_asset("minilm", Path(cfg.paths.cache_dir)),
                           cache_path=Path(cfg.paths.cache_dir) / "text_embeddings.db")
     results: dict[str, Any] = {}
+    records = SeedRecords((Path(output).parent if output else RESULTS_DIR) / "unfinished", quality,
+                          machine()["commit"])
     for name in quality.datasets:
         prepared = _prepare(name, cfg, quality, tokenizer, encoder)
         rows = []
@@ -192,7 +241,7 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
             if variant in ("sasrec", "sasrec-bce"):
                 row = _sasrec_row(name, prepared, quality, "ce" if variant == "sasrec" else "bce")
             else:
-                row = _plum_row(variant, prepared, quality, gguf, tokenizer)
+                row = _plum_row(variant, prepared, quality, gguf, tokenizer, records)
             rows.append(row)
             m, sd = row["metrics"], row["spread"]
             click.echo(f"bench quality: {name}: {row['row']} over seeds {row['seeds']}: "
@@ -214,6 +263,11 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
               "anchors_beauty": {"TIGER": {"recall@10": 0.0648, "ndcg@10": 0.0384},
                                  "tuned SASRec": {"recall@10": 0.0740, "ndcg@10": 0.0423}}}
     path = write_result("quality", report, output)
+    for name, result in results.items():  # the rows are written: their seeds need no keeping
+        if name in quality.datasets:
+            for row in result["rows"]:
+                if row["variant"] in quality.variants:
+                    records.clear(name, row["variant"], quality.seeds)
     if output is None:
         update_benchmarks_table("quality", readme_table(report))
     click.echo(f"bench quality: wrote {path}")

@@ -111,11 +111,17 @@ def provenance_lines(report: dict[str, Any], by_row: bool = False) -> list[str]:
     return lines
 
 
-def write_result(name: str, result: dict[str, Any], output: str | None = None) -> Path:
-    path = Path(output) if output else RESULTS_DIR / f"{name}.json"
+def write_json(path: Path, document: Any) -> Path:
+    """Write a JSON document whole: into a temporary file beside it, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+def write_result(name: str, result: dict[str, Any], output: str | None = None) -> Path:
+    return write_json(Path(output) if output else RESULTS_DIR / f"{name}.json", result)
 
 
 def update_benchmarks_table(name: str, table: str, doc: Path = BENCHMARKS_DOC) -> bool:
