@@ -4,12 +4,15 @@ the Prometheus gauges."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import generate_latest
 
 from tests.support.stream_world import LogWriter, user_events
 from trainer.continuous import export_gate
 from trainer.metrics import TrainerMetrics
 from trainer.stream import Stream, event_digest
+
+pytestmark = pytest.mark.unit
 
 FIGURES = {"examples": 100, "invalid_sid_rate": 0.0, "recall@10": 0.30, "ndcg@10": 0.15}
 

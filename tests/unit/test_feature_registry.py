@@ -8,6 +8,8 @@ from pydantic import ValidationError
 from features.errors import FeatureStoreError
 from features.registry import ContextFeatureRegistry, ContextFeatureSpec
 
+pytestmark = pytest.mark.unit
+
 
 def test_registered_specs_come_back_in_order_and_a_name_is_taken_once(tmp_path):
     registry = ContextFeatureRegistry(tmp_path)

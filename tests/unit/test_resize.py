@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from trainer.resize import resize_state, token_sources
 from trainer.vocab import SPECIALS, FeatureSpec, VocabLayout
+
+pytestmark = pytest.mark.unit
 
 OLD = VocabLayout((4, 8), 2, features=(FeatureSpec("device", "categorical", ("tv", "phone")),), text_ids=(10, 20))
 

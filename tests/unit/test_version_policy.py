@@ -9,6 +9,8 @@ import pytest
 
 from serving.versions import ServingConfig, UnknownVersion, VersionManager, VersionPolicy, VersionStatus
 
+pytestmark = pytest.mark.unit
+
 
 def test_policies_choose_versions_and_always_keep_labelled_ones():
     assert VersionPolicy("latest", 2).select([1, 2, 3, 5], {}) == {3, 5}
