@@ -441,6 +441,7 @@ class ContinuousTrainer:
         manifest["fresh_examples"] = {"since_version": self.exports[-1]["version"] if self.exports else None,
                                       "ledger": ledger.counts(), "event_ids": ledger.since_export}
         self.manager.wait_until_finished()  # a version is committed only after its checkpoint is final
+        manifest["export_started_ns"] = time.time_ns()  # after the parent checkpoint's commit time
         path = export_version(self.paths.model_dir, self.loop.model(), manifest, self.items.item_ids, self.items.sids)
         ledger.since_export = {}
         self.exports.append({"version": int(path.name), "step": step, "at": _now(), "watermark": watermark,

@@ -154,6 +154,32 @@ def test_kill_9_in_training_and_in_a_save_loses_and_repeats_no_example(tmp_path)
     assert status["last_checkpoint"]["step"] == status["step"]
 
 
+def test_a_version_is_exported_only_after_its_checkpoint_is_final(tmp_path):
+    """kill -9 the moment the first servable version appears: its parent checkpoint is already a
+    complete checkpoint that a restarted trainer restores (orbax saves asynchronously; a version
+    committed before the save is final would point at a checkpoint the restart throws away)."""
+    state = tmp_path / "state"
+    paths, log, _ = _world(state)
+    log.publish([e for u in range(USERS) for e in user_events(u, 5, start_step=4)])
+    trainer = TrainerProcess(state)
+    trainer.wait_for(lambda: _status(paths).get("step", 0) >= 20)
+    log.publish([e for u in range(USERS) for e in user_events(u, 1, start_step=9)])  # a slice to evaluate on
+    trainer.wait_for(lambda: bool(version_numbers(paths.model_dir)), poll=0.001)
+    output = trainer.kill_9()
+    number = version_numbers(paths.model_dir)[0]
+    manifest = load_version(paths.model_dir, number)[1]
+    parent = Path(manifest["parent_checkpoint"])
+    assert parent.is_dir() and parent.name == str(manifest["step"]), output
+    committed = json.loads((parent / "_CHECKPOINT_METADATA").read_text())["commit_timestamp_nsecs"]
+    assert committed <= manifest["export_started_ns"]  # orbax's own commit time, before the export began
+    restarted = ContinuousTrainer(_settings(), paths, None, say=lambda m: None)
+    try:
+        assert manifest["step"] in restarted.manager.all_steps()
+        assert restarted.loop.step_count >= manifest["step"]  # resumed from it or from a later one
+    finally:
+        restarted.close()
+
+
 def test_an_item_that_becomes_popular_enters_the_top_k_after_the_next_export(tmp_path):
     paths, log, cpt = _world(tmp_path, history_steps=6)
     trainer = ContinuousTrainer(_settings(checkpoint_every_steps=60, eval_examples=40, idle_after_steps=150),
