@@ -3,8 +3,9 @@ user_context (registered context features).
 
 Public surface: FeatureStoreClient, FeatureStoreError, feature_objects, the view names and
 VIEW_COLUMNS (each view's DataFrame columns), the context-feature registry (ContextFeatureSpec,
-ContextFeatureRegistry). They are loaded on first use, so that importing
-`features.config` does not import Feast (seconds).
+ContextFeatureRegistry), and PublishConflictError (features/files.py: durable publication of
+files that never overwrites one, also used by the training log). They are loaded on first use,
+so that importing `features.config` does not import Feast (seconds).
 """
 
 from importlib import import_module
@@ -23,6 +24,7 @@ _EXPORTS = {
     "USER_CONTEXT": "features.repo",
     "ContextFeatureSpec": "features.registry",
     "ContextFeatureRegistry": "features.registry",
+    "PublishConflictError": "features.files",
 }
 __all__ = list(_EXPORTS)
 

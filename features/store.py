@@ -21,11 +21,14 @@ What Feast 0.67 (file offline store = dask 2026.8) does, and how this module wor
 - Historical retrieval through the dask store loses or refuses some entity rows on its own;
   `_historical_view` says which and how this module asks around it. It also costs about 0.3 ms
   per offline row of the view read (dask hashes the data it persists), whatever the request.
+- Durability: a staged file and its directory are fsynced when staged (the pipeline commits its
+  state after staging, and recovery then publishes the file instead of re-reading the batch);
+  publishing is fsync, rename, fsync of the view's directory (features/files.py). A published
+  batch file is never replaced by another with different content (PublishConflictError).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ import yaml
 
 from features.config import FeastConfig
 from features.errors import FeatureStoreError
+from features.files import flush_files, make_directory, move_into_place
 from features.registry import ContextFeatureRegistry, ContextFeatureSpec
 from features.repo import ENTITY_KEY, TIMESTAMP, USER_CONTEXT, all_views, feature_objects, view_schema
 
@@ -91,9 +95,10 @@ def view_table(view: str, schema: pa.Schema, frame: pd.DataFrame) -> pa.Table:
 class FeatureStoreClient:
     """The project's access to Feast. Construct cheaply; Feast itself is loaded on first use."""
 
-    def __init__(self, repo_dir: Path, cfg: FeastConfig) -> None:
+    def __init__(self, repo_dir: Path, cfg: FeastConfig, durable: bool = True) -> None:
         self.repo_dir = Path(repo_dir)
         self.cfg = cfg
+        self.durable = durable  # False: offline files are not fsynced (only to measure what that costs)
         self.offline_dir = self.repo_dir / "offline"
         self.registry = ContextFeatureRegistry(self.repo_dir)
         self._store: Any = None
@@ -174,7 +179,7 @@ class FeatureStoreClient:
             staged = self.offline_dir / STAGING / view / f"align-{Path(name).name}"
             staged.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_arrays(columns, schema=schema), staged)
-            os.replace(staged, name)
+            move_into_place(staged, Path(name), self.durable, replace=True)  # the same rows, more columns
             rewritten += 1
         return rewritten
 
@@ -230,22 +235,27 @@ class FeatureStoreClient:
         return self.offline_dir / view / f"{batch_id}.parquet"
 
     def stage_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> Path:
-        """Write a batch's rows where readers do not look; invisible until `publish_offline`."""
+        """Write a batch's rows where readers do not look (on disk when this returns, unless not
+        durable); invisible until `publish_offline`."""
         _check_batch_id(batch_id)
         table = view_table(view, self.schema(view), frame)
         path = self._staged(view, batch_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(path.parent, self.durable)
         pq.write_table(table, path)
+        if self.durable:
+            flush_files([path])
         return path
 
     def publish_offline(self, view: str, batch_id: str) -> bool:
-        """Make a staged batch visible (atomic rename); False, doing nothing, when none is staged."""
+        """Make a staged batch visible (atomic, durable rename); False, doing nothing, when none is
+        staged. A batch published already with the same content stays as it is; with other content,
+        PublishConflictError and nothing is replaced."""
         self.schema(view)
         _check_batch_id(batch_id)
         staged = self._staged(view, batch_id)
         if not staged.exists():
             return False
-        os.replace(staged, self._published(view, batch_id))
+        move_into_place(staged, self._published(view, batch_id), self.durable)
         return True
 
     def write_offline(self, view: str, frame: pd.DataFrame, batch_id: str) -> bool:

@@ -64,3 +64,6 @@ class PipelineConfig(BaseModel):
     # streams; 0 = off. Sampled from the state store and the broker every metrics_interval_s.
     metrics_port: int = Field(8502, ge=0, le=65535)
     metrics_interval_s: float = Field(5.0, gt=0)
+    # fsync staged files, directories and SQLite commits (exactly-once after an OS crash or a power
+    # loss). False exists only for `plum bench ingest` to measure what that costs.
+    durable: bool = True

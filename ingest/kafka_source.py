@@ -7,7 +7,10 @@ bundle carries one batch and the runner checkpoints between batches. Records lea
 batches, never one element per record: per-element overhead dominates in Python.
 
 Where reading starts is not Kafka's business: `start_offsets` come from the sink's state store,
-which records offsets in the same transaction as the data they produced.
+which records offsets in the same transaction as the data they produced. Each partition is read
+in one log epoch (ingest/epochs.py), which its batches carry with the fingerprint of their last
+record; a log that restarts below the read position while the pipeline runs stops the pipeline
+(LogRestartedError) instead of skipping the new log's first records.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from apache_beam.utils.timestamp import Duration
 from kafka import TopicPartition
 
 from ingest.config import KafkaConfig
+from ingest.epochs import LogRestartedError, record_fingerprint
 from ingest.kafka_clients import make_consumer
 
 END_OF_TIME = 2**63 - 1
@@ -31,17 +35,19 @@ IDLE_POLLS_TO_FINISH = 2
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """One Kafka partition to read from `start_offset`; bounded runs stop once caught up."""
+    """One Kafka partition to read from `start_offset` of log epoch `epoch`; bounded runs stop
+    once caught up."""
 
     topic: str
     partition: int
     start_offset: int
     stop_when_caught_up: bool = False
+    epoch: int = 0
 
 
 @dataclass
 class RecordBatch:
-    """Consecutive records of one partition: offsets [start_offset, next_offset)."""
+    """Consecutive records of one partition: offsets [start_offset, next_offset) of log epoch `epoch`."""
 
     topic: str
     partition: int
@@ -51,9 +57,16 @@ class RecordBatch:
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
     timestamps_ms: list[int] = field(default_factory=list)
+    epoch: int = 0
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def last_record(self) -> str | None:
+        """The fingerprint of the batch's last record (None for an empty batch)."""
+        if not self.values:
+            return None
+        return record_fingerprint(self.offsets[-1], self.timestamps_ms[-1], self.keys[-1], self.values[-1])
 
 
 class BatchCoder(beam.coders.Coder):
@@ -140,10 +153,16 @@ class ReadPartitionBatches(beam.DoFn):
             tracker.defer_remainder(Duration.of(0.05))
             return
         self._idle_polls[key] = 0
-        batch = RecordBatch(spec.topic, spec.partition, start, start)
+        batch = RecordBatch(spec.topic, spec.partition, start, start, epoch=spec.epoch)
         for record in records:
             if record.offset < start:
-                continue  # the broker reset our position below the restriction: already read
+                # kafka-python drops records below the fetch position, so the broker moved the
+                # position back: the log ended before it (a new broker). Reading on would skip
+                # the new log's first records; the next start begins a new epoch instead.
+                raise LogRestartedError(
+                    f"The log of {spec.topic}[{spec.partition}] restarted under the running pipeline (the broker "
+                    f"returned offset {record.offset}, below the read position {start}); restart the pipeline: "
+                    "it reads the new log from its start as a new log epoch.")
             if not tracker.try_claim(record.offset):
                 break
             batch.offsets.append(record.offset)

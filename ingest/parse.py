@@ -29,7 +29,8 @@ class Reject:
 
 @dataclass
 class ParsedBatch:
-    """The valid records and the rejects of one RecordBatch; carries its offset range onward."""
+    """The valid records and the rejects of one RecordBatch; carries its offset range, log epoch
+    and last record's fingerprint onward."""
 
     topic: str
     partition: int
@@ -38,6 +39,8 @@ class ParsedBatch:
     records: list[Parsed] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    epoch: int = 0
+    last_record: str | None = None
 
     def __len__(self) -> int:
         return len(self.records) + len(self.rejects)
@@ -56,7 +59,8 @@ def _reason(exc: ValidationError) -> str:
 
 def parse_batch(batch: RecordBatch, model: type[BaseModel], max_payload_bytes: int) -> ParsedBatch:
     """Validate every record of a batch against `model` (pure; the DoFn below wraps it)."""
-    out = ParsedBatch(batch.topic, batch.partition, batch.start_offset, batch.next_offset)
+    out = ParsedBatch(batch.topic, batch.partition, batch.start_offset, batch.next_offset, epoch=batch.epoch,
+                      last_record=batch.last_record())
     for offset, key, value in zip(batch.offsets, batch.keys, batch.values):
         if value is None:
             reason = "empty record (null value)"

@@ -2,7 +2,9 @@
 
 The transforms are runner-agnostic; the runner is an option (DirectRunner here, FlinkRunner or
 DataflowRunner at scale). `until_caught_up` turns the unbounded read into a bounded catch-up:
-each partition stops once it has read everything that was there.
+each partition stops once it has read everything that was there. Before reading, every
+partition whose log restarted since the last run (a new broker) begins a new log epoch, read
+from offset 0 (ingest/epochs.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -19,12 +22,14 @@ from typing import Any, Callable, Iterator
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from ingest.epochs import LogRestartedError, start_new_epochs
+from ingest.config import KafkaConfig
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.kafka_clients import end_offsets, topic_partitions
 from ingest.kafka_source import PartitionSpec, ReadFromKafkaPartitions
 from ingest.parse import ParsedBatch, ParseRecords
 from ingest.sinks import ApplyBatches, SinkSettings, close_shared_appliers
-from ingest.state_store import PipelineStateStore
+from ingest.state_store import PipelineStateStore, ReadPosition
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +59,30 @@ class PipelineResult:
         return self.events_applied / self.seconds if self.seconds > 0 else 0.0
 
 
-def partition_specs(settings: SinkSettings, until_caught_up: bool) -> list[PartitionSpec]:
-    """One spec per partition of the events and items topics, starting at the stored positions."""
-    kafka = settings.kafka
+def log_ends(kafka: KafkaConfig) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the events and items topics (TopicMissingError if one
+    of them does not exist)."""
     counts = topic_partitions(kafka, [kafka.events_topic, kafka.items_topic])
     missing = [t for t, n in counts.items() if n == 0]
     if missing:
         raise TopicMissingError(f"Topic(s) {', '.join(missing)} do not exist; run `plum stack up` or create them.")
-    store = PipelineStateStore(Path(settings.state_db))
-    try:
-        positions = store.read_positions()
-    finally:
-        store.close()
-    return [
-        PartitionSpec(topic, p, positions.get((topic, p), 0), until_caught_up)
-        for topic, n in counts.items() for p in range(n)
-    ]
+    return {(topic, p): end for topic, n in counts.items() for p, end in end_offsets(kafka, topic, n).items()}
+
+
+def partition_specs(settings: SinkSettings, store: PipelineStateStore, ends: dict[tuple[str, int], int],
+                    until_caught_up: bool) -> list[PartitionSpec]:
+    """One spec per partition of `ends`, starting at the stored position of its log epoch, after a
+    new epoch began for each partition whose log restarted."""
+    for change in start_new_epochs(settings.kafka, store, ends):
+        print(f"pipeline: {change.topic}[{change.partition}] restarted ({change.reason}): reading its new log from "
+              f"offset 0 as log epoch {change.epoch}", flush=True)
+    positions = store.positions()
+    never_read = ReadPosition(0, 0, None, 0)
+    specs = []
+    for topic, p in sorted(ends):
+        position = positions.get((topic, p), never_read)
+        specs.append(PartitionSpec(topic, p, position.next_offset, until_caught_up, position.epoch))
+    return specs
 
 
 def build(pipeline: beam.Pipeline, settings: SinkSettings, partitions: list[PartitionSpec]) -> beam.PCollection:
@@ -114,6 +127,24 @@ def pid_lock(path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+_RUNNER_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\)?$")  # what Beam appends to a DoFn's error
+
+
+def log_restart_in(exc: BaseException) -> LogRestartedError | None:
+    """The LogRestartedError a runner failed with, if any: runners re-raise a DoFn's exception wrapped
+    (its class kept in the chain, or only its text in the message)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, LogRestartedError):
+            return LogRestartedError(_RUNNER_SUFFIX.sub("", str(exc).splitlines()[0]))
+        match = re.search(r"LogRestartedError: (.+)", str(exc))
+        if match:
+            return LogRestartedError(_RUNNER_SUFFIX.sub("", match[1].strip()))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def state_lock(state_db: Path) -> AbstractContextManager[None]:
     """One pipeline per state store: a second would only re-read and de-duplicate the first's work."""
     return pid_lock(state_db.with_suffix(".lock"), lambda owner: PipelineBusyError(
@@ -129,20 +160,24 @@ def run(settings: SinkSettings, until_caught_up: bool = False, extra_args: list[
 
 
 def _run(settings: SinkSettings, until_caught_up: bool, extra_args: list[str] | None) -> PipelineResult:
-    partitions = partition_specs(settings, until_caught_up)
-    targets: dict[tuple[str, int], int] = {}
-    if until_caught_up:
-        for topic in {spec.topic for spec in partitions}:
-            count = sum(spec.topic == topic for spec in partitions)
-            targets.update({(topic, p): end for p, end in end_offsets(settings.kafka, topic, count).items()})
-    store = PipelineStateStore(Path(settings.state_db))
-    before = store.counters()
-    store.close()
+    ends = log_ends(settings.kafka)
+    targets = ends if until_caught_up else {}
+    store = PipelineStateStore(Path(settings.state_db), durable=settings.pipeline.durable)
+    try:
+        partitions = partition_specs(settings, store, ends, until_caught_up)
+        before = store.counters()
+    finally:
+        store.close()
     started = time.monotonic()
     options = pipeline_options(settings.pipeline.runner, streaming=True, extra_args=extra_args)
     try:
         with beam.Pipeline(options=options) as pipeline:
             build(pipeline, settings, partitions)
+    except Exception as exc:
+        restarted = log_restart_in(exc)
+        if restarted is None:
+            raise
+        raise restarted from None
     finally:
         close_shared_appliers()
     seconds = time.monotonic() - started

@@ -12,7 +12,13 @@ For each parsed batch, under one process-wide lock:
      the lag; the state store, not Kafka, decides where reading resumes).
 A crash anywhere leaves either an uncommitted batch (its staged files are discarded and its
 records re-read) or a committed one whose publication `recover()` completes: no event is lost,
-none is applied twice. Every write is idempotent, so recovery may repeat any step.
+none is applied twice. Every write is idempotent, so recovery may repeat any step. Staged files
+are fsynced before the commit and renames before the pending entry is cleared, and SQLite syncs
+every commit, so this holds after an OS crash or a power loss too (`pipeline.durable`).
+
+A batch id names the partition, its log epoch and the offset range, `<topic>-<partition>-e<epoch>-
+<start>-<next>`: unique across broker restarts, so a published file is never overwritten (a
+publication onto an existing name with other content raises PublishConflictError).
 
 Context features: the state keeps each user's latest value of every context key; the view
 user_context carries the registered ones (features/registry.py). Before each batch the applier
@@ -141,16 +147,23 @@ def item_metadata_frame(items: list[ItemMetadata]) -> pd.DataFrame:
     })
 
 
+def batch_id_of(batch: ParsedBatch) -> str:
+    """The batch's name in file names: partition, log epoch and offset range (unique across epochs)."""
+    return (f"{batch.topic}-{batch.partition}-e{batch.epoch:06d}-{batch.start_offset:020d}-"
+            f"{batch.next_offset:020d}")
+
+
 class BatchApplier:
     """Applies parsed batches to every sink with the commit protocol above. Thread-safe."""
 
     def __init__(self, settings: SinkSettings) -> None:
         self.settings = settings
         self.lock = threading.Lock()
+        durable = settings.pipeline.durable
         self.state = PipelineStateStore(Path(settings.state_db), settings.pipeline.history_length,
-                                        settings.pipeline.cooccurrence_window)
-        self.training_log = TrainingLogWriter(Path(settings.training_log_dir))
-        self.features = FeatureStoreClient(Path(settings.feast_repo_dir), settings.feast)
+                                        settings.pipeline.cooccurrence_window, durable)
+        self.training_log = TrainingLogWriter(Path(settings.training_log_dir), durable)
+        self.features = FeatureStoreClient(Path(settings.feast_repo_dir), settings.feast, durable)
         self._producer: Any = None
         self._committer: Any = None
         self.progress = ProgressReporter(settings.progress_interval_s)
@@ -180,7 +193,7 @@ class BatchApplier:
         with self.lock:
             specs = self._context_features()
             self._send_rejects(batch.rejects)
-            batch_id = f"{batch.topic}-{batch.partition}-{batch.start_offset:020d}-{batch.next_offset:020d}"
+            batch_id = batch_id_of(batch)
             events = [r for r in batch.records if isinstance(r, EngagementEvent)]
             upserts = [r for r in batch.records if isinstance(r, ItemUpsert)]
             offset_of = {r.event_id: o for r, o in zip(batch.records, batch.offsets) if isinstance(r, EngagementEvent)}
@@ -189,12 +202,12 @@ class BatchApplier:
                 changes = self.state.apply_events(events, self.settings.pipeline.reward)
                 metadata = self.state.apply_items(upserts, int(time.time())) if upserts else []
                 self.training_log.stage(batch_id, changes.new_events, changes.rewards, batch.partition,
-                                        [offset_of[e.event_id] for e in changes.new_events])
+                                        [offset_of[e.event_id] for e in changes.new_events], batch.epoch)
                 frames = self._frames(changes.users, changes.items, metadata, changes.contexts, specs)
                 for view, frame in frames.items():
                     self.features.stage_offline(view, frame, batch_id)
                 self.state.record_batch(batch.topic, batch.partition, batch.start_offset, batch.next_offset,
-                                        len(batch.rejects))
+                                        len(batch.rejects), batch.epoch, batch.last_record)
                 self.state.add_pending(batch_id, [u.user_id for u in changes.users],
                                        [s.item_id for s in changes.items], [m.item_id for m in metadata])
                 self.state.commit()

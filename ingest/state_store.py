@@ -4,7 +4,14 @@ publication, in one SQLite file.
 
 Everything a batch changes is committed in one transaction together with the offsets it came
 from, so after a crash the pipeline resumes exactly where its state is, and an event id seen
-once is never applied again (events delivered twice count once).
+once is never applied again (events delivered twice count once). Commits are durable against an
+OS crash or a power loss (synchronous=FULL: the WAL is fsynced at every commit); `durable=False`
+(synchronous=NORMAL) exists only to measure what that costs.
+
+A read position belongs to a log epoch: the incarnation of the partition's log its offsets count
+in (ingest/epochs.py tells when a broker's log restarted at offset 0). A new epoch restarts the
+position at 0; the position also keeps the fingerprint of the record just before it, by which
+the next start can tell whether the log it finds is still the one it read.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ CREATE TABLE IF NOT EXISTS cooccurrence (
     PRIMARY KEY (item_a, item_b)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS read_positions (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0, last_record TEXT,
     PRIMARY KEY (topic, partition)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_ranges (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, start_offset INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    last_record TEXT,
     PRIMARY KEY (topic, partition, start_offset)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_publish (
     batch_id TEXT PRIMARY KEY, users TEXT NOT NULL, items TEXT NOT NULL, metadata_items TEXT NOT NULL) WITHOUT ROWID;
@@ -51,12 +60,32 @@ CREATE TABLE IF NOT EXISTS user_context (
 CREATE TABLE IF NOT EXISTS context_features_filled (name TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
+# Columns added since the first release: a state store written before them gains them on open.
+_ADDED_COLUMNS = {
+    "read_positions": {"epoch": "INTEGER NOT NULL DEFAULT 0", "last_record": "TEXT"},
+    "applied_ranges": {"last_record": "TEXT"},
+}
+
 _CHUNK = 900  # SQLite's default limit on bound parameters is 999
 
 
 def _chunks(values: list[str]) -> Iterator[list[str]]:
     for i in range(0, len(values), _CHUNK):
         yield values[i:i + _CHUNK]
+
+
+class EpochMismatchError(Exception):
+    """A batch read in one log epoch of a partition met a state store at another."""
+
+
+@dataclass(frozen=True)
+class ReadPosition:
+    """Where reading a partition resumes, in which log epoch, and what was read last."""
+
+    next_offset: int
+    epoch: int
+    last_record: str | None  # fingerprint of the record at next_offset - 1 (None: unknown)
+    furthest_offset: int  # the end of the furthest applied range (>= next_offset when batches committed out of order)
 
 
 @dataclass
@@ -128,15 +157,23 @@ class BatchChanges:
 class PipelineStateStore:
     """One SQLite database; callers serialise batches (one writer at a time)."""
 
-    def __init__(self, path: Path, history_length: int = 50, cooccurrence_window: int = 10) -> None:
+    def __init__(self, path: Path, history_length: int = 50, cooccurrence_window: int = 10,
+                 durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.history_length = history_length
         self.cooccurrence_window = cooccurrence_window
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL only syncs the WAL at checkpoints: a power loss may undo the last commits, after
+        # their files were published and their offsets committed to Kafka.
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self.db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         self.db.close()
@@ -149,28 +186,67 @@ class PipelineStateStore:
         ).fetchone()
         return row[0] if row else 0
 
-    def reset_read_positions(self) -> int:
-        """Forget where each partition was read to (the topics were recreated); returns rows removed."""
-        n = self.db.execute("DELETE FROM read_positions").rowcount
-        self.db.execute("DELETE FROM applied_ranges")
-        return n
-
     def read_positions(self) -> dict[tuple[str, int], int]:
         return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM read_positions")}
 
-    def _record_range(self, topic: str, partition: int, start: int, stop: int) -> None:
-        # Batches of one partition may commit out of order; the position only moves over a gap-free prefix.
-        self.db.execute("INSERT OR REPLACE INTO applied_ranges VALUES (?,?,?,?)", (topic, partition, start, stop))
-        position = self.read_position(topic, partition)
-        ranges = dict(self.db.execute(
-            "SELECT start_offset, next_offset FROM applied_ranges WHERE topic=? AND partition=?", (topic, partition)
-        ).fetchall())
-        while position in ranges:
-            position = ranges[position]
+    def positions(self) -> dict[tuple[str, int], ReadPosition]:
+        """Every partition read so far: its position, log epoch and last record read."""
+        furthest = dict(((t, p), o) for t, p, o in self.db.execute(
+            "SELECT topic, partition, MAX(next_offset) FROM applied_ranges GROUP BY topic, partition"))
+        return {(t, p): ReadPosition(o, e, r, max(o, furthest.get((t, p), 0)))
+                for t, p, o, e, r in self.db.execute(
+                    "SELECT topic, partition, next_offset, epoch, last_record FROM read_positions")}
+
+    def epoch(self, topic: str, partition: int) -> int:
+        """The log epoch reading this partition is in (0 until a restart of its log was seen)."""
+        row = self.db.execute("SELECT epoch FROM read_positions WHERE topic=? AND partition=?",
+                              (topic, partition)).fetchone()
+        return row[0] if row else 0
+
+    def start_epoch(self, topic: str, partition: int) -> int:
+        """The partition's log restarted: begin its next epoch, reading from offset 0 (in one
+        transaction, which also drops applied ranges of the old log). Returns the new epoch."""
+        self.begin()
+        try:
+            epoch = self.epoch(topic, partition) + 1
+            self.db.execute("DELETE FROM applied_ranges WHERE topic=? AND partition=?", (topic, partition))
+            self.db.execute("INSERT OR REPLACE INTO read_positions (topic, partition, next_offset, epoch, last_record) "
+                            "VALUES (?,?,0,?,NULL)", (topic, partition, epoch))
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        return epoch
+
+    def start_new_epochs(self) -> dict[tuple[str, int], int]:
+        """Every partition something was read from in its current epoch begins the next one (a new
+        broker with an empty log was started); returns the new epochs."""
+        return {key: self.start_epoch(*key) for key, position in self.positions().items()
+                if position.furthest_offset > 0}
+
+    def _record_range(self, topic: str, partition: int, start: int, stop: int, last_record: str | None) -> None:
+        # Batches of one partition may commit out of order, and a runner replaying from a checkpoint
+        # may cut other batch boundaries, so the position moves over every applied range that starts
+        # at or before it and ends after it (a gap stops it).
+        self.db.execute(
+            "INSERT INTO applied_ranges VALUES (?,?,?,?,?) ON CONFLICT(topic, partition, start_offset) DO UPDATE "
+            "SET next_offset=excluded.next_offset, last_record=excluded.last_record "
+            "WHERE excluded.next_offset > applied_ranges.next_offset", (topic, partition, start, stop, last_record))
+        row = self.db.execute("SELECT next_offset, last_record FROM read_positions WHERE topic=? AND partition=?",
+                              (topic, partition)).fetchone()
+        position, last = row or (0, None)
+        for begin, end, record in self.db.execute(
+                "SELECT start_offset, next_offset, last_record FROM applied_ranges WHERE topic=? AND partition=? "
+                "ORDER BY start_offset", (topic, partition)).fetchall():
+            if begin <= position < end:
+                position, last = end, record
         self.db.execute(
             "DELETE FROM applied_ranges WHERE topic=? AND partition=? AND next_offset<=?", (topic, partition, position)
         )
-        self.db.execute("INSERT OR REPLACE INTO read_positions VALUES (?,?,?)", (topic, partition, position))
+        self.db.execute(
+            "INSERT INTO read_positions (topic, partition, next_offset, last_record) VALUES (?,?,?,?) "
+            "ON CONFLICT(topic, partition) DO UPDATE SET next_offset=excluded.next_offset, "
+            "last_record=excluded.last_record", (topic, partition, position, last))
 
     # -- applying a batch -----------------------------------------------------------------
     def begin(self) -> None:
@@ -359,8 +435,16 @@ class PipelineStateStore:
         self._bump("items_upserted", len(upserts))
         return rows
 
-    def record_batch(self, topic: str, partition: int, start: int, stop: int, rejected: int) -> None:
-        self._record_range(topic, partition, start, stop)
+    def record_batch(self, topic: str, partition: int, start: int, stop: int, rejected: int, epoch: int = 0,
+                     last_record: str | None = None) -> None:
+        """Record that offsets [start, stop) of the partition's log epoch `epoch` were applied
+        (`last_record`: the fingerprint of the record at stop - 1)."""
+        current = self.epoch(topic, partition)
+        if epoch != current:
+            raise EpochMismatchError(
+                f"A batch of {topic}[{partition}] read in log epoch {epoch} reached a state store in epoch {current}; "
+                "was the broker restarted under a running pipeline? Restart the pipeline.")
+        self._record_range(topic, partition, start, stop, last_record)
         self._bump("records_rejected", rejected)
         self.db.execute("INSERT OR REPLACE INTO last_commit VALUES (0, ?)", (time.time(),))
 

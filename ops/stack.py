@@ -51,10 +51,14 @@ def up(cfg: PlumConfig, port: int | None = None, detach: bool = True,
             broker = EmbeddedBroker(log_file, port=port).start(detach=detach)
             broker.save(cfg.paths.stack_file)
             store = PipelineStateStore(cfg.paths.pipeline_state_db)
-            if store.reset_read_positions():
-                say("pipeline: a new in-memory broker has empty topics; read positions reset "
-                    "(de-duplication by event id keeps the state exactly-once)")
-            store.close()
+            try:
+                epochs = store.start_new_epochs()
+            finally:
+                store.close()
+            if epochs:
+                say(f"pipeline: a new in-memory broker has empty topics; {len(epochs)} partition(s) start a new "
+                    f"log epoch (up to {max(epochs.values())}), read from offset 0 (batch names carry the epoch, "
+                    "so no published file is replaced; de-duplication by event id keeps the state exactly-once)")
             say(f"broker: started Tansu at {broker.bootstrap_servers} (pid {broker.pid}, log {log_file})")
     resolved = resolve(cfg)
     probe(resolved.kafka)

@@ -25,6 +25,7 @@ from trainer.evaluate import EvalSet, UserSequences, leave_one_out
 from trainer.retrieval import (
     Recommender, RetrievalSettings, evaluate, init_model, make_catalogue, text_vocabulary, train_stages,
 )
+from trainer.stream import position_covered, watermark_positions
 from trainer.vocab import VocabLayout, suffix_capacity
 
 Say = Callable[[str], None]
@@ -44,6 +45,7 @@ class Corpus:
     item_ids: tuple[str, ...]
     user_ids: tuple[str, ...]
     sequences: RewardedSequences
+    positions: tuple[np.ndarray, ...]  # per user [n, 3]: each event's (kafka partition, log epoch, offset), in sequence order
     sid_version: int
     watermark: dict[str, Any]
 
@@ -55,6 +57,8 @@ def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], enc
     Without `layout` the vocabulary is made for this corpus (CPT); with one (a checkpoint's), the
     corpus is written in it, and a SID that does not fit it is an error.
     """
+    if "log_epoch" not in log:  # frames of logs written before log epochs: all epoch 0
+        log = log.assign(log_epoch=0)
     if log.empty:
         raise TrainingDataError("The training log is empty: replay events and run `plum pipeline` first.")
     item_ids = tuple(sorted(table.codes))
@@ -63,11 +67,12 @@ def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], enc
     if not known.any():
         raise TrainingDataError(f"No logged item has a SID in version {table.version}; run `plum tokenize assign`.")
     events = log[known].sort_values(["user_id", "event_time", "kafka_partition", "kafka_offset"], kind="stable")
-    users, sequences, rewards = [], [], []
+    users, sequences, rewards, positions = [], [], [], []
     for user, group in events.groupby("user_id", sort=True):
         users.append(str(user))
         sequences.append(group["item_id"].map(index).to_numpy(np.int32))
         rewards.append(group["reward"].to_numpy(np.float32))
+        positions.append(group[["kafka_partition", "log_epoch", "kafka_offset"]].to_numpy(np.int64))
     encoded = [encode(titles.get(item) or "") if titles.get(item) else [] for item in item_ids]
     if layout is None:
         layout = VocabLayout(tuple(table.codebook_sizes), suffix_capacity(table.suffix_size),
@@ -76,11 +81,10 @@ def build_corpus(log: pd.DataFrame, table: SIDTable, titles: dict[str, str], enc
         raise TrainingDataError(f"SID version {table.version} ({table.codebook_sizes}, {table.suffix_size} suffixes) "
                                 "does not fit the checkpoint's vocabulary; run `plum train cpt` on it first.")
     sids = np.array([table.sid(item) for item in item_ids], np.int64)
-    offsets = log.groupby("kafka_partition")["kafka_offset"].max()
     watermark = {"event_time": log["event_time"].max().isoformat(), "events": int(len(log)),
-                 "offsets": {str(int(p)): int(o) for p, o in offsets.items()}}
+                 **watermark_positions(log[["kafka_partition", "log_epoch", "kafka_offset"]].itertuples(index=False))}
     return Corpus(layout, make_catalogue(layout, sids, encoded), item_ids, tuple(users),
-                  RewardedSequences(tuple(sequences), tuple(rewards)), table.version, watermark)
+                  RewardedSequences(tuple(sequences), tuple(rewards)), tuple(positions), table.version, watermark)
 
 
 def _retrieval_settings(settings: TrainerSettings, cpt_steps: int, sft_steps: int) -> RetrievalSettings:
@@ -105,22 +109,46 @@ def holdout_last(corpus: Corpus, max_history: int) -> tuple[RewardedSequences, E
     return train, test, test_rewards
 
 
+def beyond_watermark(corpus: Corpus, users: np.ndarray, watermark: dict[str, Any] | None) -> np.ndarray | None:
+    """Per user (rows of the corpus), whether its last event lies beyond a checkpoint's data watermark
+    (a later (log epoch, offset) than the watermark's in its partition, or a partition it has none
+    for): events the checkpoint's corpus did not contain. None when the watermark records no offsets."""
+    if not watermark or "offsets" not in watermark:
+        return None
+    return np.array([not position_covered(watermark, *corpus.positions[u][-1]) for u in users], bool)
+
+
 def run_sft(target: Path, cpt_dir: Path, corpus: Corpus, settings: TrainerSettings, say: Say = print) -> Path:
-    """SFT from a CPT checkpoint on the corpus (written in the checkpoint's vocabulary), evaluated
-    on each user's held-out last event (at most `eval_users` users), written as a checkpoint."""
+    """SFT from a CPT checkpoint on the corpus (written in the checkpoint's vocabulary), evaluated on
+    each user's held-out last event where the CPT checkpoint's corpus did not contain it (at most
+    `eval_users` users; none: no figure, said so), written as a checkpoint."""
     model, parent = load_model(cpt_dir)
     retrieval = _retrieval_settings(settings, cpt_steps=0, sft_steps=settings.sft_steps)
     train, test, test_rewards = holdout_last(corpus, settings.max_history)
-    say(f"train sft: from {cpt_dir}, {len(train.items):,} users, {len(test.targets):,} held-out last events")
+    fresh = beyond_watermark(corpus, test.users, parent.get("data_watermark"))
+    unseen = np.zeros(len(test.targets), bool) if fresh is None else fresh
+    say(f"train sft: from {cpt_dir}, {len(train.items):,} users, {len(test.targets):,} held-out last events, "
+        f"{int(unseen.sum()):,} of them newer than the CPT checkpoint's corpus")
     model, histories = train_stages(model, retrieval, corpus.layout, corpus.catalogue, train, say)
-    sample = test.head(settings.eval_users)
-    metrics, _ = evaluate(Recommender(model, corpus.layout, corpus.catalogue, settings.max_history), sample,
-                          test_rewards[:len(sample.targets)], retrieval.beam_width, retrieval.eval_batch,
-                          invalid_rate_users=len(sample.targets))
-    say("train sft: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    protocol = "each user's last event held out, where the CPT checkpoint's corpus did not contain it"
+    if not unseen.any():
+        why = ("the CPT checkpoint records no data watermark offsets to tell its events by" if fresh is None else
+               f"every user's last event is in the CPT checkpoint's corpus (its data watermark: "
+               f"{parent['data_watermark'].get('event_time')}); log newer events, then run `plum train sft` again")
+        say(f"train sft: no held-out figure: {why}")
+        evaluation: dict[str, Any] = {"protocol": protocol, "users": 0, "not_evaluated": why}
+    else:
+        sample = test.where(unseen).head(settings.eval_users)
+        rows = np.flatnonzero(unseen)[:len(sample.targets)]
+        metrics, _ = evaluate(Recommender(model, corpus.layout, corpus.catalogue, settings.max_history), sample,
+                              [test_rewards[r] for r in rows], retrieval.beam_width, retrieval.eval_batch,
+                              invalid_rate_users=len(sample.targets))
+        say(f"train sft: held-out ({len(sample.targets):,} users' last events newer than the CPT checkpoint's "
+            "corpus) " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        evaluation = {"protocol": protocol, **metrics}
     manifest = {**{k: parent[k] for k in ("vocabulary", "sid_version", "prompt_schema") if k in parent},
                 "stage": "sft", "item_ids": list(corpus.item_ids), "data_watermark": corpus.watermark,
-                "eval": {"protocol": "each user's last event held out", **metrics},
+                "eval": evaluation,
                 "training": {"settings": settings.model_dump(mode="json"), "final_loss": histories["sft"][-1]["loss"]},
                 "parent_checkpoint": str(cpt_dir)}
     return save_model(target, model, manifest)

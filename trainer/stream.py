@@ -12,6 +12,18 @@ The data state saved with each checkpoint is the read files, the pending and rel
 the ledger of taken examples (a count and an order-free digest of their event ids), so a restart
 from that checkpoint re-reads the same files, rebuilds the same histories and takes each fresh
 example exactly once in the model's lineage.
+
+Positions in the log are (partition, log epoch, offset): the pipeline begins a new log epoch
+when a partition's log restarts at offset 0 (a new broker, ingest/epochs.py), and every event of
+a later epoch comes after every event of an earlier one. A data watermark says how far a model
+has read each partition:
+
+    {"event_time": ISO time of the newest event, "events": count,
+     "offsets": {"<partition>": the newest offset read, in that partition's newest epoch read},
+     "epochs": {"<partition>": that epoch}}
+
+A watermark without "epochs" (written before epochs existed, or by the CPT job) means epoch 0
+for every partition. Log files without the log_epoch column read as epoch 0.
 """
 
 from __future__ import annotations
@@ -29,7 +41,8 @@ import pyarrow.parquet as pq
 
 from ingest.training_log import HOUR
 
-COLUMNS = ["event_id", "user_id", "item_id", "event_time", "reward", "kafka_partition", "kafka_offset", "context"]
+COLUMNS = ["event_id", "user_id", "item_id", "event_time", "reward", "kafka_partition", "kafka_offset", "context",
+           "log_epoch"]
 DIGEST_MOD = 2 ** 64
 
 
@@ -43,7 +56,8 @@ def event_digest(event_ids: Iterable[str]) -> int:
 
 @dataclass(frozen=True)
 class LoggedEvent:
-    """One event as the trainer keeps it; `order` sorts a user's events (time, partition, offset)."""
+    """One event as the trainer keeps it; `order` sorts a user's events (time, partition, offset);
+    `epoch` is the log epoch its offset counts in."""
 
     event_id: str
     user_id: str
@@ -51,10 +65,20 @@ class LoggedEvent:
     reward: float
     order: tuple[int, int, int]
     context_json: str | None = None  # the event's context-feature values (JSON object), as logged
+    epoch: int = 0
 
     @property
     def context(self) -> dict[str, Any]:
         return json.loads(self.context_json) if self.context_json else {}
+
+    @property
+    def partition(self) -> int:
+        return self.order[1]
+
+    @property
+    def log_position(self) -> tuple[int, int]:
+        """(epoch, offset): orders the events of one partition, a later epoch after an earlier one."""
+        return self.epoch, self.order[2]
 
 
 def published_files(root: Path) -> list[str]:
@@ -66,23 +90,47 @@ def published_files(root: Path) -> list[str]:
 
 
 def read_events(root: Path, relative: str) -> list[LoggedEvent]:
-    table = pq.read_table(root / relative, columns=COLUMNS).to_pydict()
+    file = pq.ParquetFile(root / relative)
+    present = set(file.schema_arrow.names)  # files written before log_epoch lack it: epoch 0
+    table = file.read(columns=[c for c in COLUMNS if c in present]).to_pydict()
+    epochs = table.get("log_epoch") or [0] * len(table["event_id"])
     out = []
     for i, event_id in enumerate(table["event_id"]):
         when = table["event_time"][i]
         micros = int(when.timestamp() * 1_000_000)
         out.append(LoggedEvent(event_id, str(table["user_id"][i]), str(table["item_id"][i]),
                                float(table["reward"][i]), (micros, int(table["kafka_partition"][i]),
-                                                           int(table["kafka_offset"][i])), table["context"][i]))
+                                                           int(table["kafka_offset"][i])), table["context"][i],
+                               int(epochs[i] or 0)))
     return out
 
 
 def covered_by(watermark: dict[str, Any] | None, event: LoggedEvent) -> bool:
-    """Whether a checkpoint's data watermark (per-partition last offsets) includes the event."""
+    """Whether a data watermark (per partition, the newest (epoch, offset) read) includes the event;
+    an event of a later epoch than the watermark's is after all of it."""
+    return position_covered(watermark, event.partition, *event.log_position)
+
+
+def position_covered(watermark: dict[str, Any] | None, partition: int, epoch: int, offset: int) -> bool:
+    """Whether a data watermark includes the log position (partition, epoch, offset)."""
     if not watermark or "offsets" not in watermark:
         return False
-    last = watermark["offsets"].get(str(event.order[1]))
-    return last is not None and event.order[2] <= int(last)
+    last = watermark["offsets"].get(str(partition))
+    if last is None:
+        return False
+    newest_epoch = int((watermark.get("epochs") or {}).get(str(partition), 0))
+    return (epoch, offset) <= (newest_epoch, int(last))
+
+
+def watermark_positions(positions: Iterable[tuple[int, int, int]]) -> dict[str, dict[str, int]]:
+    """The "offsets" and "epochs" of a data watermark over (partition, epoch, offset) positions: per
+    partition the newest (epoch, offset)."""
+    newest: dict[str, tuple[int, int]] = {}
+    for partition, epoch, offset in positions:
+        key = str(int(partition))
+        newest[key] = max(newest.get(key, (-1, -1)), (int(epoch), int(offset)))
+    return {"offsets": {key: offset for key, (_, offset) in newest.items()},
+            "epochs": {key: epoch for key, (epoch, _) in newest.items()}}
 
 
 @dataclass
@@ -172,16 +220,13 @@ class Stream:
         return events[:events.index(event)]
 
     def watermark(self) -> dict[str, Any]:
-        """The newest event trained or held in history so far (event time and per-partition offsets)."""
-        offsets: dict[str, int] = {}
-        newest = 0
-        for event_id in self.pool:
-            event = self.events[event_id]
-            newest = max(newest, event.order[0])
-            key = str(event.order[1])
-            offsets[key] = max(offsets.get(key, -1), event.order[2])
+        """The newest event trained or held in history so far: event time, and per partition the
+        newest (epoch, offset) (the shape is in the module docstring)."""
+        events = [self.events[event_id] for event_id in self.pool]
+        newest = max((event.order[0] for event in events), default=0)
         when = datetime.fromtimestamp(newest / 1e6, timezone.utc).isoformat() if self.pool else None
-        return {"event_time": when, "events": len(self.pool), "offsets": offsets}
+        return {"event_time": when, "events": len(self.pool),
+                **watermark_positions((event.partition, *event.log_position) for event in events)}
 
     def sample_pool(self, rng: np.random.Generator, n: int) -> list[LoggedEvent]:
         if not self.pool:

@@ -7,9 +7,12 @@ All on one fresh embedded stack, in one run:
 2. delay: this process offers a fixed load (events/s) for probe users and watches the Feast
    online store from outside; an event's delay is the time from its send to the first online
    read that shows it (observer resolution ~50 ms);
-3. baseline: plain kafka-python consumes the same topic (no parsing): the raw rate. The ratio
+3. durability cost: phase 1 again, on topics, state and a Feast repo of its own, with
+   `pipeline.durable` off (SQLite synchronous=NORMAL, no fsync of staged files and directories);
+   the ratio durable / without fsync is what exactly-once after a power loss costs;
+4. baseline: plain kafka-python consumes the same topic (no parsing): the raw rate. The ratio
    pipeline/raw is the cost of parsing, de-duplication, state, Feast and the training log;
-4. catch-up: a fresh pipeline state reads the filled topic with --until-caught-up, start-up included.
+5. catch-up: a fresh pipeline state reads the filled topic with --until-caught-up, start-up included.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kafka import TopicPartition
 from features import FeatureStoreClient
 from ingest.datasets import to_events, to_item_upserts
 from ingest.events import EngagementEvent, ItemUpsert
-from ingest.kafka_clients import make_consumer
+from ingest.kafka_clients import ensure_topics, make_consumer
 from ingest.pipeline import counters
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
@@ -38,7 +41,7 @@ from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from ops.ingest_jobs import run_pipeline
-from ops.processes import StreamingPipeline
+from ops.processes import StreamingPipeline, write_config
 from ops.stack import up
 
 PROBE_USERS = 400
@@ -188,6 +191,35 @@ def measure_delay(cfg: PlumConfig, pipeline: StreamingPipeline, store: FeatureSt
     }
 
 
+def without_fsync(cfg: PlumConfig) -> PlumConfig:
+    """The same stack with `pipeline.durable` off, and topics, state and a Feast repo of its own."""
+    state_dir = cfg.paths.state_dir + "-nofsync"
+    kafka = {name: getattr(cfg.kafka, name) + ".nofsync" for name in ("events_topic", "items_topic", "dlq_topic")}
+    return cfg.model_copy(update={
+        "paths": cfg.paths.model_copy(update={"state_dir": state_dir}),
+        "kafka": cfg.kafka.model_copy(update=kafka),
+        "feast": cfg.feast.model_copy(update={"repo_dir": str(Path(state_dir) / "feast")}),
+        "pipeline": cfg.pipeline.model_copy(update={"durable": False}),
+    })
+
+
+def measure_durability_cost(cfg: PlumConfig, items: list[ItemUpsert], events: list[EngagementEvent],
+                            durable: dict[str, Any]) -> dict[str, Any]:
+    """Phase 1 again without fsync (`durable`: phase 1's result); events/s of both and their ratio."""
+    fast = without_fsync(cfg)
+    ensure_topics(fast.kafka)
+    store = FeatureStoreClient(fast.feast_repo_dir, fast.feast)
+    store.apply()
+    pipeline = StreamingPipeline(fast, config_file=write_config(fast, fast.paths.state("config.yaml")))
+    try:
+        warm_up(fast, pipeline, store, items[0].item_id)
+        throughput = measure_throughput(fast, pipeline, items, events)
+    finally:
+        pipeline.stop()
+    return {"events_per_s_durable": durable["events_per_s"], "events_per_s_without_fsync": throughput["events_per_s"],
+            "ratio": round(durable["events_per_s"] / throughput["events_per_s"], 3)}
+
+
 def measure_catch_up(cfg: PlumConfig) -> dict[str, Any]:
     """A bounded run with a fresh state over the filled topic, start-up included."""
     fresh = cfg.model_copy(update={
@@ -223,6 +255,9 @@ def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds:
                    f"p99 {delay['delay_p99_s']} s from send to online feature")
         pipeline.stop()
         pipeline = None
+        durability = measure_durability_cost(cfg, items, evs, throughput)
+        click.echo(f"bench: the same replay without fsync: {durability['events_per_s_without_fsync']:,.0f} events/s "
+                   f"(durable / without fsync: {durability['ratio']:.2f})")
         raw = raw_consume_rate(cfg, len(evs))
         click.echo(f"bench: raw kafka-python consume of the same topic: {raw:,.0f} records/s")
         catch_up = measure_catch_up(cfg)
@@ -238,6 +273,7 @@ def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds:
         "streaming": {**throughput, "pipeline_startup_s": round(startup, 1)},
         "baseline_raw_consume_records_per_s": round(raw, 1),
         "ratio_pipeline_to_raw": round(throughput["events_per_s"] / raw, 3),
+        "durability_cost": durability,
         "catch_up": catch_up,
         "delay": delay,
         "targets": {"streaming_events_per_s": ">= 10000", "delay_p99_s_at_2000_per_s": "< 2"},
@@ -257,6 +293,8 @@ def readme_table(report: dict[str, Any]) -> str:
         f"| raw kafka-python consume of the same topic, baseline (records/s) | "
         f"{report['baseline_raw_consume_records_per_s']:,.0f} |\n"
         f"| ratio pipeline / raw | {report['ratio_pipeline_to_raw']:.2f} |\n"
+        f"| the same replay without fsync (`pipeline.durable: false`), events/s; durable / without | "
+        f"{report['durability_cost']['events_per_s_without_fsync']:,.0f}; {report['durability_cost']['ratio']:.2f} |\n"
         f"| bounded catch-up of the filled topic ({c['events']:,} events), start-up included (events/s) | "
         f"{c['events_per_s']:,.0f} |\n"
         f"| send-to-online-feature delay p50 / p99 at {d['offered_rate']:,} events/s offered (s) | "

@@ -10,11 +10,15 @@ from prometheus_client import generate_latest
 from tests.support.stream_world import LogWriter, user_events
 from trainer.continuous import export_gate
 from trainer.metrics import TrainerMetrics
-from trainer.stream import Stream, event_digest
+from trainer.stream import Stream, event_digest, position_covered, watermark_positions
 
 pytestmark = pytest.mark.unit
 
 FIGURES = {"examples": 100, "invalid_sid_rate": 0.0, "recall@10": 0.30, "ndcg@10": 0.15}
+
+
+def _popularity(examples: int, recall: float = 0.05) -> dict:
+    return {"examples": examples, "recall@10": recall, "ndcg@10": recall / 2}
 
 
 def test_polling_reads_each_published_file_once_and_splits_history_from_fresh(tmp_path):
@@ -59,17 +63,33 @@ def test_event_digest_is_order_free_and_tells_sets_apart():
 
 
 def test_the_export_gate_names_the_failing_condition():
-    assert export_gate(FIGURES, None, None, 50, 0.01) == (True, "no served version yet")
-    ok, reason = export_gate({**FIGURES, "examples": 10}, None, None, 50, 0.01)
+    low = _popularity(100)
+    ok, reason = export_gate(FIGURES, None, None, 50, 0.01, popularity=low)
+    assert ok and reason.startswith("no served version yet; recall@10 0.3000 beats recent popularity's 0.0500")
+    ok, reason = export_gate(FIGURES, None, None, 50, 0.01, popularity=_popularity(100, 0.30))  # a tie
+    assert not ok and reason.startswith("popularity_floor: recall@10 0.3000 does not beat")
+    ok, reason = export_gate({**FIGURES, "examples": 10}, None, None, 50, 0.01, popularity=_popularity(10))
     assert not ok and "only 10 held-out events" in reason
-    ok, reason = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01)
+    ok, reason = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=low)
     assert not ok and "invalid-SID rate" in reason
     served = {**FIGURES, "recall@10": 0.40}
-    ok, reason = export_gate(FIGURES, served, 7, 50, 0.01)
+    ok, reason = export_gate(FIGURES, served, 7, 50, 0.01, popularity=low)
     assert not ok and "recall@10 0.3000 trails served version 7's 0.4000" in reason
-    assert export_gate(FIGURES, {**FIGURES, "recall@10": 0.305}, 7, 50, 0.01)[0]  # inside the margin
-    ok, reason = export_gate(FIGURES, {**FIGURES, "ndcg@10": 0.2}, 7, 50, 0.01)
+    assert export_gate(FIGURES, {**FIGURES, "recall@10": 0.305}, 7, 50, 0.01, popularity=low)[0]  # inside the margin
+    ok, reason = export_gate(FIGURES, {**FIGURES, "ndcg@10": 0.2}, 7, 50, 0.01, popularity=low)
     assert not ok and reason.startswith("ndcg@10")
+
+
+def test_with_the_popularity_floor_off_the_export_gate_reports_it_as_not_applied():
+    tie = _popularity(100, 0.30)
+    ok, reason = export_gate(FIGURES, None, None, 50, 0.01, popularity=tie, popularity_floor_on=False)
+    assert ok and reason == ("no served version yet; popularity floor not applied (trainer.continuous."
+                             "popularity_floor false): recall@10 0.3000 does not beat recent popularity's 0.3000 "
+                             "on the same 100 held-out users")
+    # The other gates still apply.
+    ok, reason = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=tie,
+                             popularity_floor_on=False)
+    assert not ok and "invalid-SID rate" in reason
 
 
 def _evaluation(ranks: list[int]) -> dict:
@@ -84,14 +104,14 @@ def test_the_gate_refuses_only_what_the_same_users_show_to_be_worse_beyond_the_m
     # 20 users: the served version ranks 4 targets, the candidate 2 of them: recall 0.10 vs 0.20.
     served = _evaluation([0, 3, 5, 7] + [-1] * 16)
     candidate = _evaluation([0, 3] + [-1] * 18)
-    ok, reason = export_gate(candidate, served, 8, 20, 0.01)  # 2 users apart: not established at 95%
+    ok, reason = export_gate(candidate, served, 8, 20, 0.01, popularity=_popularity(20, 0.0))  # 2 users apart: not established at 95%
     assert ok and "not worse by more than the margin 0.01" in reason and "same 20 users" in reason
-    ok, reason = export_gate(candidate, served, 8, 20, 0.01, confidence=0.5)  # the point estimates
+    ok, reason = export_gate(candidate, served, 8, 20, 0.01, confidence=0.5, popularity=_popularity(20, 0.0))  # the point estimates
     assert not ok and reason.startswith("recall@10 0.1000 trails served version 8's 0.2000")
     # The same shortfall on 200 users (20 targets lost of 40) is established.
     served = _evaluation([1] * 40 + [-1] * 160)
     candidate = _evaluation([1] * 20 + [-1] * 180)
-    ok, reason = export_gate(candidate, served, 8, 20, 0.01)
+    ok, reason = export_gate(candidate, served, 8, 20, 0.01, popularity=_popularity(200, 0.0))
     assert not ok and "trails served version 8's 0.2000" in reason and "at 95% confidence at most -0.06" in reason
 
 
@@ -125,3 +145,16 @@ def test_metrics_follow_the_status():
     assert np.isclose(float(samples["plum_trainer_watermark_timestamp_seconds"]), 1767225600.0)
     assert float(samples["plum_trainer_evaluating_seconds"]) == 7.25
     assert float(samples["plum_trainer_training_seconds"]) == 50.5
+
+
+def test_a_watermark_orders_log_positions_by_epoch_then_offset():
+    # Partition 0 was read to offset 9 of epoch 0, then the log restarted: offset 2 of epoch 1 is newer.
+    marks = watermark_positions([(0, 0, 9), (0, 1, 2), (1, 0, 4), (0, 0, 3)])
+    assert marks == {"offsets": {"0": 2, "1": 4}, "epochs": {"0": 1, "1": 0}}
+    assert position_covered(marks, 0, 0, 50)  # any offset of an earlier epoch is before it
+    assert position_covered(marks, 0, 1, 2) and not position_covered(marks, 0, 1, 3)
+    assert not position_covered(marks, 1, 1, 0)  # a later epoch than the watermark's
+    assert not position_covered(marks, 2, 0, 0)  # a partition it has not read
+    old = {"offsets": {"0": 5}}  # written before log epochs: epoch 0
+    assert position_covered(old, 0, 0, 5) and not position_covered(old, 0, 1, 0)
+    assert not position_covered(None, 0, 0, 0)

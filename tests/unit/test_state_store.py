@@ -4,7 +4,7 @@ import pytest
 
 from ingest.config import RewardConfig
 from ingest.producer import new_event
-from ingest.state_store import PipelineStateStore
+from ingest.state_store import PipelineStateStore, ReadPosition
 
 pytestmark = pytest.mark.unit
 
@@ -106,3 +106,82 @@ def test_each_users_latest_context_value_per_key_is_kept(store):
     assert store.load_contexts(["u1"])["u1"].written_us == restated.written_us == at_10 + 1
     assert apply(store, [ctx("u1", 10, "b", hour=9)]).contexts[0].written_us == at_10 + 2  # same second again
     assert apply(store, [ctx("u1", 11, "c", hour=9)]).contexts[0].written_us == at_10 + 60_000_000
+
+
+def test_a_reread_range_that_straddles_the_position_still_moves_it(store):
+    # A runner replaying from a checkpoint cuts other batch boundaries: [50, 150) re-reads half of
+    # [0, 100) and goes on; the position must not stay at 100 for good.
+    store.begin()
+    store.record_batch("t", 0, 0, 100, 0, last_record="r99")
+    store.record_batch("t", 0, 50, 150, 0, last_record="r149")
+    store.commit()
+    assert store.read_position("t", 0) == 150
+    assert store.positions()["t", 0].last_record == "r149"
+    store.begin()
+    store.record_batch("t", 0, 200, 300, 0, last_record="r299")  # after a gap: waits
+    store.record_batch("t", 0, 120, 130, 0, last_record="r129")  # inside what was read: no move
+    store.commit()
+    assert store.read_position("t", 0) == 150
+    store.begin()
+    store.record_batch("t", 0, 140, 210, 0, last_record="r209")  # closes the gap, straddling both ends
+    store.commit()
+    assert store.read_position("t", 0) == 300 and store.positions()["t", 0].last_record == "r299"
+
+
+def test_a_new_log_epoch_restarts_the_position_and_refuses_batches_of_the_old_one(store):
+    from ingest.state_store import EpochMismatchError
+
+    store.begin()
+    store.record_batch("t", 0, 0, 100, 0, last_record="r99")
+    store.record_batch("t", 0, 150, 200, 0)  # beyond a gap
+    store.record_batch("t", 1, 0, 10, 0)
+    store.commit()
+    assert store.start_epoch("t", 0) == 1
+    assert store.positions()["t", 0] == ReadPosition(0, 1, None, 0)  # the old log's ranges are gone
+    assert store.epoch("t", 1) == 0
+    store.begin()
+    with pytest.raises(EpochMismatchError, match="epoch 0 reached a state store in epoch 1"):
+        store.record_batch("t", 0, 0, 40, 0, epoch=0)
+    store.rollback()
+    store.begin()
+    store.record_batch("t", 0, 0, 40, 0, epoch=1, last_record="e1-r39")
+    store.commit()
+    assert store.positions()["t", 0] == ReadPosition(40, 1, "e1-r39", 40)
+    # A new broker: every partition read from in its current epoch begins the next one.
+    store.start_epoch("t", 2)  # epoch 1 of t[2], nothing read in it yet: keeps it
+    assert store.start_new_epochs() == {("t", 0): 2, ("t", 1): 1}
+    assert store.epoch("t", 2) == 1
+
+
+def test_a_state_store_from_before_log_epochs_opens_at_epoch_0(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.executescript("""
+        CREATE TABLE read_positions (topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+            PRIMARY KEY (topic, partition)) WITHOUT ROWID;
+        CREATE TABLE applied_ranges (topic TEXT NOT NULL, partition INTEGER NOT NULL, start_offset INTEGER NOT NULL,
+            next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition, start_offset)) WITHOUT ROWID;
+        INSERT INTO read_positions VALUES ('t', 0, 70);
+        INSERT INTO applied_ranges VALUES ('t', 0, 90, 95);""")
+    db.close()
+    store = PipelineStateStore(tmp_path / "state.db")
+    try:
+        assert store.positions() == {("t", 0): ReadPosition(70, 0, None, 95)}
+        store.begin()
+        store.record_batch("t", 0, 70, 90, 0, last_record="r89")
+        store.commit()
+        assert store.read_position("t", 0) == 95
+    finally:
+        store.close()
+
+
+def test_commits_are_synced_to_disk_unless_durability_is_off(tmp_path):
+    durable = PipelineStateStore(tmp_path / "a.db")
+    fast = PipelineStateStore(tmp_path / "b.db", durable=False)
+    try:
+        assert durable.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL is synced per commit
+        assert fast.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        durable.close()
+        fast.close()
