@@ -17,6 +17,7 @@ the pipeline's state store over the training part of the split only, so no test 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -100,24 +101,30 @@ def _plum_seed(variant: str, prepared: dict[str, Any], run: QualityRun, seed: in
 
 
 class SeedRecords:
-    """Finished seeds of PLUM rows kept on disk until their row is written, so that a run stopped
-    between seeds (a PLUM seed takes most of an hour here) is continued by the same command: a seed is
-    reused only for the same data set, variant, settings (every QualityRun field but the seeds, the
-    data sets and the variants) and a clean commit that is the current one. The row names the seeds
-    it took from an earlier process."""
+    """Finished seeds (and SASRec's finished search trials) kept on disk until their row is written,
+    so that a run stopped between them (a PLUM seed takes most of an hour here, a SASRec trial on
+    Beauty ten minutes) is continued by the same command: a record is reused only for the same data
+    set, variant, settings (every QualityRun field but the seeds, the data sets and the variants) and
+    a clean commit that is the current one. The row names the seeds (and trials) it took from an
+    earlier process."""
 
     def __init__(self, folder: Path, run: QualityRun, commit: str | None) -> None:
         self.folder, self.commit = folder, commit
         self.settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("seeds", "datasets", "variants")}
 
-    def _path(self, dataset: str, variant: str, seed: int) -> Path:
-        return self.folder / f"{dataset}-{variant}-seed{seed}.json"
+    def _path(self, dataset: str, variant: str, part: str) -> Path:
+        return self.folder / f"{dataset}-{variant}-{part}.json"
+
+    @staticmethod
+    def _trial(point: dict[str, Any]) -> str:
+        text = json.dumps(point, sort_keys=True)
+        return "trial-" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def _usable(self) -> bool:
         return bool(self.commit) and not self.commit.endswith("+uncommitted")
 
-    def load(self, dataset: str, variant: str, seed: int) -> dict[str, Any] | None:
-        path = self._path(dataset, variant, seed)
+    def _load(self, dataset: str, variant: str, part: str) -> dict[str, Any] | None:
+        path = self._path(dataset, variant, part)
         if not self._usable() or not path.is_file():
             return None
         record = json.loads(path.read_text())
@@ -125,14 +132,30 @@ class SeedRecords:
             return None
         return record["result"]
 
-    def save(self, dataset: str, variant: str, seed: int, result: dict[str, Any]) -> None:
+    def _save(self, dataset: str, variant: str, part: str, result: dict[str, Any]) -> None:
         if self._usable():
-            write_json(self._path(dataset, variant, seed),
+            write_json(self._path(dataset, variant, part),
                        {"commit": self.commit, "settings": self.settings, "result": result})
+
+    def load(self, dataset: str, variant: str, seed: int) -> dict[str, Any] | None:
+        return self._load(dataset, variant, f"seed{seed}")
+
+    def save(self, dataset: str, variant: str, seed: int, result: dict[str, Any]) -> None:
+        self._save(dataset, variant, f"seed{seed}", result)
+
+    def load_trial(self, dataset: str, variant: str, point: dict[str, Any]) -> dict[str, Any] | None:
+        """A finished search trial of `point` (its validation score and figures), or None."""
+        result = self._load(dataset, variant, self._trial(point))
+        return result if result is not None and result.get("point") == json.loads(json.dumps(point)) else None
+
+    def save_trial(self, dataset: str, variant: str, point: dict[str, Any], result: dict[str, Any]) -> None:
+        self._save(dataset, variant, self._trial(point), {**result, "point": point})
 
     def clear(self, dataset: str, variant: str, seeds: tuple[int, ...]) -> None:
         for seed in seeds:
-            self._path(dataset, variant, seed).unlink(missing_ok=True)
+            self._path(dataset, variant, f"seed{seed}").unlink(missing_ok=True)
+        for trial in self.folder.glob(f"{dataset}-{variant}-trial-*.json"):
+            trial.unlink(missing_ok=True)
 
 
 def _plum_row(variant: str, prepared: dict[str, Any], run: QualityRun, gguf: Path, tokenizer: TextTokenizer,
@@ -168,12 +191,16 @@ def sasrec_start(dataset: str, loss: str) -> dict[str, Any]:
     return {**start, "dropout": 0.2, "learning_rate": 1e-3}
 
 
-def _sasrec_row(name: str, prepared: dict[str, Any], run: QualityRun, loss: str) -> dict[str, Any]:
+def _sasrec_row(name: str, prepared: dict[str, Any], run: QualityRun, loss: str,
+                records: SeedRecords) -> dict[str, Any]:
     """Coordinate search over the data set's grid on validation (the first seed), then one model per
-    seed with the chosen settings; test is read once per seed's model."""
+    seed with the chosen settings; test is read once per seed's model. Trials and seeds an earlier
+    process of the same command finished (SeedRecords) are taken as they were; when the chosen point
+    is such a trial, the first seed retrains it (its model was not kept) unless that seed is recorded too."""
     split = prepared["data"].split
     label, variant = SASREC_ROWS[loss]
     base = SASRecConfig(n_items=split.n_items, epochs=run.sasrec_epochs, eval_every=2, loss=loss, seed=run.seeds[0])
+    resumed_trials: list[dict[str, Any]] = []
 
     def train(point: dict[str, Any], seed: int) -> tuple[float, dict[str, Any]]:
         cfg = dataclasses.replace(base, **point, ffn_dim=4 * point["dim"], seed=seed)
@@ -186,25 +213,51 @@ def _sasrec_row(name: str, prepared: dict[str, Any], run: QualityRun, loss: str)
         return best, {"model": model, "cfg": cfg, "train_seconds": round(seconds, 1),
                       "epochs": history[-1]["epoch"]}
 
+    def trial(point: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        recorded = records.load_trial(name, variant, point)
+        if recorded is not None:
+            resumed_trials.append(point)
+            click.echo(f"sasrec {loss}: {point} validation R@10 {recorded['score']:.4f}: finished by an earlier "
+                       f"run of this command at commit {records.commit}; taken from {records.folder}")
+            return recorded["score"], {"model": None, "train_seconds": recorded["train_seconds"],
+                                       "epochs": recorded["epochs"]}
+        score, result = train(point, run.seeds[0])
+        records.save_trial(name, variant, point, {"score": score, "train_seconds": result["train_seconds"],
+                                                  "epochs": result["epochs"]})
+        return score, result
+
     started = time.monotonic()
-    search = coordinate_search(sasrec_start(name, loss), SASREC_GRIDS[name], lambda p: train(p, run.seeds[0]),
-                               max_trials=run.sasrec_trials)
+    search = coordinate_search(sasrec_start(name, loss), SASREC_GRIDS[name], trial, max_trials=run.sasrec_trials)
     tuning = {"method": "coordinate search on validation Recall@10 (first seed), one parameter at a time",
               "grid": SASREC_GRIDS[name], "start": sasrec_start(name, loss),
               "trials": [{"point": t.point, "valid_recall@10": t.score, "train_seconds": t.result["train_seconds"],
                           "epochs": t.result["epochs"]} for t in search.trials],
               "runs": len(search.trials), "wall_clock_s": round(time.monotonic() - started, 1),
-              "chosen": search.best.point}
-    per_seed = []
+              "chosen": search.best.point, "trials_from_an_earlier_process": resumed_trials}
+    if resumed_trials:  # this process's wall clock misses them: count their training time instead
+        tuning["wall_clock_s"] = round(tuning["wall_clock_s"] + sum(
+            t.result["train_seconds"] for t in search.trials if t.result["model"] is None), 1)
+    per_seed, resumed = [], []
     for seed in run.seeds:
-        # The first seed's model is the search's best run itself; the other seeds train the chosen point.
-        trained = search.best.result if seed == run.seeds[0] else train(search.best.point, seed)[1]
-        metrics = evaluate_sasrec(trained["model"], split, "test")
-        per_seed.append({"seed": seed, "settings": dataclasses.asdict(trained["cfg"]), "metrics": metrics,
-                         "train_seconds": trained["train_seconds"]})
+        result = records.load(name, variant, seed)
+        if result is not None:
+            resumed.append(seed)
+            click.echo(f"bench quality: {label} seed {seed}: finished by an earlier run of this command at commit "
+                       f"{records.commit}; taken from {records.folder}")
+        else:
+            # The first seed's model is the search's best run itself (retrained when that run was an
+            # earlier process's); the other seeds train the chosen point.
+            first = seed == run.seeds[0] and search.best.result["model"] is not None
+            trained = search.best.result if first else train(search.best.point, seed)[1]
+            result = {"seed": seed, "settings": dataclasses.asdict(trained["cfg"]),
+                      "metrics": evaluate_sasrec(trained["model"], split, "test"),
+                      "train_seconds": trained["train_seconds"]}
+            records.save(name, variant, seed, result)
+        per_seed.append(result)
         _say_seed(label, per_seed[-1])
     row = seeded_row(label, variant, per_seed)
     row["tuning"] = tuning
+    row["seeds_from_an_earlier_process"] = resumed
     return row
 
 
@@ -239,7 +292,7 @@ def run(cfg: PlumConfig, quality: QualityRun, output: str | None) -> dict[str, A
         rows = []
         for variant in quality.variants:
             if variant in ("sasrec", "sasrec-bce"):
-                row = _sasrec_row(name, prepared, quality, "ce" if variant == "sasrec" else "bce")
+                row = _sasrec_row(name, prepared, quality, "ce" if variant == "sasrec" else "bce", records)
             else:
                 row = _plum_row(variant, prepared, quality, gguf, tokenizer, records)
             rows.append(row)

@@ -37,3 +37,20 @@ def test_nothing_is_kept_or_taken_from_uncommitted_code(tmp_path):
     assert dirty.load("movielens-100k", "r1", 1) is None
     SeedRecords(tmp_path, run, "abc1234").clear("movielens-100k", "r1", (1,))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_finished_sasrec_trial_is_taken_for_the_same_point_and_cleared_with_its_row(tmp_path):
+    run = QualityRun(datasets=("amazon-beauty",), variants=("sasrec",), seeds=(0, 1))
+    records = SeedRecords(tmp_path, run, "abc1234")
+    point = {"max_len": 20, "dim": 64, "n_blocks": 2, "dropout": 0.3, "learning_rate": 0.003}
+    records.save_trial("amazon-beauty", "sasrec", point, {"score": 0.1021, "train_seconds": 689.0, "epochs": 18})
+    again = SeedRecords(tmp_path, dataclasses.replace(run, seeds=(0, 1, 2)), "abc1234")
+    assert again.load_trial("amazon-beauty", "sasrec", dict(reversed(point.items())))["score"] == 0.1021
+    assert again.load_trial("amazon-beauty", "sasrec", {**point, "dim": 128}) is None
+    assert again.load_trial("amazon-beauty", "sasrec-bce", point) is None
+    assert SeedRecords(tmp_path, run, "def5678").load_trial("amazon-beauty", "sasrec", point) is None
+    records.save("amazon-beauty", "sasrec", 0, RESULT)
+    records.save_trial("amazon-beauty", "sasrec-bce", point, {"score": 0.05, "train_seconds": 1.0, "epochs": 2})
+    again.clear("amazon-beauty", "sasrec", (0, 1, 2))
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]  # only the BCE trial is left
+    assert again.load_trial("amazon-beauty", "sasrec-bce", point)["score"] == 0.05
