@@ -20,6 +20,7 @@ from ops.errors import PlumError
 _USER_ERRORS = {
     "ops.errors": ("PlumError",),
     "features.errors": ("FeatureStoreError",),
+    "ingest.epochs": ("LogRestartedError",),
     "ingest.kafka_clients": ("KafkaUnavailableError",),
     "ingest.pipeline": ("IncompleteRunError", "PipelineBusyError", "TopicMissingError"),
     "ingest.producer": ("DeliveryError",),
@@ -280,9 +281,10 @@ def train_cpt(ctx: click.Context, steps: int | None, init: str | None, keep_laye
 @click.pass_context
 def train_sft(ctx: click.Context, steps: int | None, cpt_dir: str | None) -> None:
     """Generative-retrieval SFT from a CPT checkpoint: predict each next item's SID from the user's
-    history, targets drawn in proportion to reward; each user's last event is held out and the
-    Recall/NDCG@10 of constrained beam search on it goes into the manifest. Writes
-    <state>/checkpoints/sft/<n>."""
+    history, targets drawn in proportion to reward; each user's last event is held out, and where the
+    CPT checkpoint's corpus did not contain it (beyond its data watermark) the Recall/NDCG@10 of
+    constrained beam search on it goes into the manifest (with no such event: no figure, and a line
+    that says so). Writes <state>/checkpoints/sft/<n>."""
     from ops.train_jobs import train_sft as run
 
     cfg = _config(ctx)
@@ -321,11 +323,12 @@ def serve(ctx: click.Context, grpc_port: int | None, rest_port: int | None) -> N
 @click.pass_context
 def promote(ctx: click.Context, version: int, label: str, reason: str, force: bool) -> None:
     """Point a label (stable, canary) at VERSION once its gates pass: complete and servable, invalid-SID
-    rate 0, data not staler than promote.max_staleness_hours, and Recall@10 / NDCG@10 not below the
-    version the label points at now by more than promote.margin on the same events (both evaluated on
-    the newest events neither trained on, or else the trainer's side-by-side figures at export). A
-    refusal names the failing gate. The server follows the label within its poll interval. Every
-    change is appended to <model_dir>/audit.jsonl."""
+    rate 0, data not staler than promote.max_staleness_hours, Recall@10 strictly above recent
+    popularity's (always, also on a first promotion), and Recall@10 / NDCG@10 not below the version
+    the label points at now by more than promote.margin on the same events (evaluated with each
+    version's recorded beam width on the newest events none trained on, or else the trainer's figures
+    at export). A refusal names the failing gate. The server follows the label within its poll
+    interval. Every change is appended to <model_dir>/audit.jsonl."""
     from ops.promote import promote as run
 
     cfg = _config(ctx)
@@ -452,6 +455,10 @@ def status(ctx: click.Context, as_json: bool, window: float, serve_page: bool, h
               help="Users whose top-10 is printed.")
 @click.option("--keep-up", is_flag=True,
               help="Leave the broker and the state up afterwards (the pipeline, trainer and server still stop).")
+@click.option("--no-popularity-floor", "popularity_floor", flag_value=False, default=True,
+              help="Export and promote a version even if its Recall@10 does not beat recent popularity's "
+                   "(a tiny run learns too little to); the manifest and the audit log record the floor as not "
+                   "applied. Never in production.")
 @click.pass_context
 def demo(ctx: click.Context, **options: Any) -> None:
     """The main job: the whole loop on the embedded default, in <state>/demo (wiped first).
@@ -477,7 +484,11 @@ def demo(ctx: click.Context, **options: Any) -> None:
     minute):
 
     \b
-    plum demo --limit 3000 --model-size tiny --sid-steps 30 --cpt-steps 5 --sft-steps 10
+    plum demo --limit 3000 --model-size tiny --sid-steps 30 --cpt-steps 5 --sft-steps 10 \\
+              --no-popularity-floor
+
+    Without --no-popularity-floor a run whose model does not beat recent popularity stops at stage 8
+    with the gate's figures instead of promoting it.
     """
     from ops.demo import DemoRun, run
 
@@ -501,7 +512,8 @@ def bench() -> None:
               help="Result file (default ops/bench/results/ingest.json, which also updates docs/benchmarks.md).")
 @click.pass_context
 def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int, output: str | None) -> None:
-    """End-to-end events/s, p50/p99 event-to-online-feature delay at a fixed offered load, and the
+    """End-to-end events/s, p50/p99 event-to-online-feature delay at a fixed offered load, the same
+    replay without fsync (durability_cost: what exactly-once after a power loss costs), and the
     raw kafka-python consume rate of the same topic in the same run (the ratio is our overhead)."""
     from ops.bench.ingest import run
 

@@ -90,8 +90,11 @@ class PromoteSettings(BaseModel):
     confidence: float = Field(0.95, ge=0.5, lt=1.0)  # ...established at this one-sided confidence to refuse
     min_eval_examples: int = Field(20, ge=1)  # users needed for a fresh side-by-side evaluation
     eval_examples: int = Field(200, ge=1)  # at most this many users (the newest) are evaluated
-    beam_width: int = Field(20, ge=1)
+    beam_width: int = Field(10, ge=1)
     max_staleness_hours: float = Field(24.0, gt=0)
+    # The popularity floor gate (always on in production; off only for runs too small to learn anything,
+    # `plum demo --no-popularity-floor`): the audit entry then records it as not applied.
+    popularity_floor: bool = True
 
 
 class PlumConfig(BaseModel):

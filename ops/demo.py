@@ -80,6 +80,7 @@ class DemoRun:
     sft_steps: int  # the continuous trainer's steps on the history before the live events
     show_users: int
     keep_up: bool
+    popularity_floor: bool = True  # False: --no-popularity-floor (the gates report it as not applied)
 
 
 @dataclasses.dataclass
@@ -111,8 +112,10 @@ def demo_config(cfg: PlumConfig, run: DemoRun, state: Path) -> PlumConfig:
     that follows the stable label."""
     trainer = cfg.trainer.model_copy(update={
         "model_size": run.model_size, "cpt_steps": run.cpt_steps,
-        "continuous": cfg.trainer.continuous.model_copy(update={"idle_after_steps": run.sft_steps})})
+        "continuous": cfg.trainer.continuous.model_copy(update={"idle_after_steps": run.sft_steps,
+                                                                "popularity_floor": run.popularity_floor})})
     return cfg.model_copy(update={
+        "promote": cfg.promote.model_copy(update={"popularity_floor": run.popularity_floor}),
         "paths": cfg.paths.model_copy(update={"state_dir": str(state), "model_base": ""}),
         "tokenizer": cfg.tokenizer.model_copy(update={"steps": run.sid_steps}),
         "trainer": trainer,
@@ -153,6 +156,9 @@ def _run_alone(cfg: PlumConfig, demo: DemoRun) -> None:
     parts = Parts()
     click.echo(f"== PLUM-stream main job: MovieLens-100K through Kafka -> Beam -> Feast -> SIDs -> CPT -> "
                f"continuous trainer -> promotion -> gRPC serving (state in {state})")
+    if not demo.popularity_floor:
+        click.echo("== --no-popularity-floor: versions are exported and promoted even if they do not beat recent "
+                   "popularity (the manifest and the audit log record the floor as not applied)")
     handlers = _interruptible()
     ending = "the run failed"
     try:
@@ -296,9 +302,29 @@ def _live(cfg: PlumConfig, parts: Parts, live: list[EngagementEvent], history: i
     trainer = parts.trainer
     from trainer.servable import version_numbers
 
-    wait_for(lambda: bool(version_numbers(cfg.paths.model_dir)), 900, "the trainer to evaluate and export a version",
+    def exported() -> bool:
+        if version_numbers(cfg.paths.model_dir):
+            return True
+        refused = refused_for_good(trainer.status(), expected)
+        if refused:
+            raise PlumError(f"the trainer evaluated every live user and exported nothing: {refused}. A run this "
+                            f"small may not beat recent popularity; `plum demo --no-popularity-floor` goes on "
+                            f"anyway (the gates then record the floor as not applied)")
+        return False
+
+    wait_for(exported, 900, "the trainer to evaluate and export a version",
              parts.processes(), progress=lambda: _held_out_progress(trainer.status()), say=click.echo,
              every=PROGRESS_EVERY_S)
+
+
+def refused_for_good(status: dict[str, Any], events: int) -> str | None:
+    """The trainer's last export refusal, when no further export can come without new events: it
+    has read all `events`, is idle, holds nothing out, and its newest evaluation was refused."""
+    last = status.get("last_eval") or {}
+    if (status.get("events_read", 0) >= events and status.get("state") == "idle" and not status.get("held_out")
+            and last.get("export_refused")):
+        return str(last["export_refused"])
+    return None
 
 
 def _held_out_progress(status: dict[str, Any]) -> str:

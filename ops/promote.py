@@ -5,13 +5,21 @@ and keep an append-only audit log. Serving and the trainer read the labels; only
 <model_dir>/audit.jsonl   one JSON object per change: at, who, action, label, from, to, reason, forced, gates
 
 Gates of `plum promote VERSION` (each named in a refusal):
-  complete        the version directory is complete and its manifest is one this server can serve
-  invalid_sid     its recorded invalid-SID rate is 0
-  quality         Recall@10 and NDCG@10 not below the labelled version's by more than `margin`, on the same
-                  events: both versions evaluated now on the newest event of each user that neither has
-                  trained on (at least min_eval_examples users); with too few such events, the figures the
-                  trainer recorded when it evaluated the candidate against that very version at export
-  staleness       its data watermark is at most max_staleness_hours behind the newest event in the log
+  complete          the version directory is complete and its manifest is one this server can serve
+  invalid_sid       its recorded invalid-SID rate is 0
+  staleness         its data watermark is at most max_staleness_hours behind the newest event in the log
+  popularity_floor  on by default, also on a first promotion (promote.popularity_floor false records it
+                    as not applied, with its figures): Recall@10 strictly above recent popularity's
+                    (trainer.evaluate.popularity_floor; a tie fails) on the same users: the newest event of
+                    each user that the candidate (and the labelled version) has not trained on (at least
+                    min_eval_examples users); with too few such events, the figures the trainer recorded for
+                    both at export; with neither, the gate fails
+  quality           Recall@10 and NDCG@10 not below the labelled version's by more than `margin`, on the same
+                    events: both versions evaluated now on the newest event of each user that neither has
+                    trained on (at least min_eval_examples users); with too few such events, the figures the
+                    trainer recorded when it evaluated the candidate against that very version at export
+Every version is evaluated with the beam width its manifest records (the search it is served with;
+`promote.beam_width` only for versions whose manifest records none).
 `plum rollback` moves the label back to the version it pointed at before (the audit log's history) and
 checks only `complete` and `invalid_sid`: a rollback is the way out of a bad version, not a new bet.
 `--force` skips failed gates but needs a reason, and the audit entry records the failed gates.
@@ -33,7 +41,7 @@ from typing import Any, Callable, Iterator
 from ops.config import PromoteSettings
 from ops.errors import PlumError
 from trainer.checkpoint import CheckpointError, read_manifest
-from trainer.servable import LABELS, labels, version_numbers
+from trainer.servable import LABELS, labels, recorded_beam_width, version_numbers
 
 AUDIT = "audit.jsonl"
 LABEL_NAMES = ("stable", "canary")
@@ -163,13 +171,91 @@ def gate_staleness(manifest: dict[str, Any], version: int, newest_event: datetim
                 f"{settings.max_staleness_hours:g} h)", {"hours_behind": round(behind, 3)})
 
 
+@dataclass
+class FreshEvaluation:
+    """The versions a promotion compares, evaluated now on the newest event of each user that none of
+    them has trained on, with recent popularity on the same users (figures empty and popularity None
+    when fewer than min_eval_examples users have such an event)."""
+
+    users: int
+    figures: dict[int, dict[str, Any]]
+    popularity: dict[str, Any] | None
+
+
+def evaluate_fresh(model_dir: Path, events: list[Any], compared: dict[int, dict[str, Any]], settings: PromoteSettings,
+                   say: Say) -> FreshEvaluation:
+    """Evaluate the `compared` versions (number -> manifest, the candidate first) and recent popularity."""
+    from trainer.continuous import evaluate_held_out, popularity_on
+    from trainer.servable import ItemCatalogue, load_version
+    from trainer.vocab import VocabLayout
+
+    manifests = list(compared.values())
+    held = held_out_after(events, [m.get("data_watermark") for m in manifests], _max_history(manifests[0]),
+                          settings.eval_examples)
+    if len(held) < settings.min_eval_examples:
+        return FreshEvaluation(len(held), {}, None)
+    say(f"promote: evaluating version{'s' if len(compared) > 1 else ''} {' and '.join(map(str, compared))} and "
+        f"recent popularity on {len(held)} users' newest events that no compared version has trained on")
+    figures = {}
+    for number in compared:
+        model, loaded, item_ids, sids = load_version(model_dir, number)
+        layout = VocabLayout.from_json(loaded["vocabulary"])
+        figures[number] = evaluate_held_out(model, layout, ItemCatalogue.build(layout, item_ids, sids), held,
+                                            _max_history(loaded), _beam_width(loaded, settings))
+    return FreshEvaluation(len(held), figures, popularity_on(held, events))
+
+
+def _beam_width(manifest: dict[str, Any], settings: PromoteSettings) -> int:
+    """The search a version is judged with: the beam width its manifest records (what serving runs)."""
+    return recorded_beam_width(manifest) or settings.beam_width
+
+
+def _headline(figures: dict[str, Any]) -> dict[str, Any]:
+    """What a gate records of an evaluation: the gate metrics and the beam width searched with."""
+    from trainer.evaluate import GATE_METRICS
+
+    return {**{k: figures[k] for k in GATE_METRICS}, "beam_width": figures.get("beam_width")}
+
+
+def gate_popularity_floor(version: int, manifest: dict[str, Any], fresh: FreshEvaluation,
+                          settings: PromoteSettings) -> Gate:
+    from trainer.evaluate import GATE_METRICS, popularity_floor
+
+    if fresh.popularity is not None:
+        candidate, popularity = fresh.figures[version], fresh.popularity
+        how = f"both evaluated now on {fresh.users} users' newest untrained events"
+    else:
+        recorded = manifest.get("eval") or {}
+        if not recorded.get("popularity"):
+            if not settings.popularity_floor:
+                return Gate("popularity_floor", True, "NOT APPLIED (promote.popularity_floor false), and no "
+                            f"figures: only {fresh.users} users have events version {version} has not trained on",
+                            {"users": fresh.users, "applied": False})
+            return Gate("popularity_floor", False, f"no evaluation of version {version} against recent popularity "
+                        f"on the same events: only {fresh.users} users have events it has not trained on (< "
+                        f"min_eval_examples {settings.min_eval_examples}), and its manifest records no popularity "
+                        f"figures from export", {"users": fresh.users})
+        candidate, popularity = recorded, recorded["popularity"]
+        how = (f"the trainer's evaluation at export on {recorded.get('examples')} users; only {fresh.users} newer "
+               f"events now")
+    passed, detail = popularity_floor(candidate, popularity)
+    figures = {"candidate": _headline(candidate),
+               "popularity": {**{k: popularity[k] for k in GATE_METRICS},
+                              "recent_events": popularity.get("recent_events")},
+               "examples": popularity["examples"], "how": how, "applied": settings.popularity_floor}
+    if not settings.popularity_floor:
+        return Gate("popularity_floor", True, f"NOT APPLIED (promote.popularity_floor false): {detail} ({how})",
+                    {**figures, "would_pass": passed})
+    return Gate("popularity_floor", passed, f"{detail} ({how})", figures)
+
+
 def _compare(candidate: dict[str, Any], current: dict[str, Any], current_version: int, settings: PromoteSettings,
              how: str) -> Gate:
-    from trainer.evaluate import GATE_METRICS, quality_gate
+    from trainer.evaluate import quality_gate
 
     margin = settings.margin
     failing, compared = quality_gate(candidate, current, margin, settings.confidence)
-    figures = {"candidate": {k: candidate[k] for k in GATE_METRICS}, "current": {k: current[k] for k in GATE_METRICS},
+    figures = {"candidate": _headline(candidate), "current": _headline(current),
                "how": how, "examples": candidate.get("examples"), "confidence": settings.confidence,
                "differences": {d.metric: {"mean": round(d.difference, 4), "upper": round(d.upper, 4),
                                           "paired": d.paired} for d in compared}}
@@ -182,32 +268,18 @@ def _compare(candidate: dict[str, Any], current: dict[str, Any], current_version
                 f"not worse by more than the margin {margin:g} ({compared[0].describe()}; {how})", figures)
 
 
-def gate_quality(model_dir: Path, events: list[Any], version: int, manifest: dict[str, Any], current: int,
-                 current_manifest: dict[str, Any], settings: PromoteSettings, say: Say) -> Gate:
-    from trainer.continuous import evaluate_held_out
-    from trainer.servable import ItemCatalogue, load_version
-    from trainer.vocab import VocabLayout
-
-    held = held_out_after(events, [manifest.get("data_watermark"), current_manifest.get("data_watermark")],
-                          _max_history(manifest), settings.eval_examples)
-    if len(held) >= settings.min_eval_examples:
-        say(f"promote: evaluating versions {version} and {current} on {len(held)} users' newest events that "
-            "neither has trained on")
-        results = {}
-        for number in (version, current):
-            model, loaded, item_ids, sids = load_version(model_dir, number)
-            layout = VocabLayout.from_json(loaded["vocabulary"])
-            results[number] = evaluate_held_out(model, layout, ItemCatalogue.build(layout, item_ids, sids), held,
-                                                _max_history(loaded), settings.beam_width)
-        return _compare(results[version], results[current], current, settings,
-                        f"both evaluated now on {len(held)} users' newest untrained events")
+def gate_quality(version: int, manifest: dict[str, Any], current: int, fresh: FreshEvaluation,
+                 settings: PromoteSettings) -> Gate:
+    if fresh.figures:
+        return _compare(fresh.figures[version], fresh.figures[current], current, settings,
+                        f"both evaluated now on {fresh.users} users' newest untrained events")
     recorded = manifest.get("eval") or {}
     if recorded.get("served_version") == current and recorded.get("served"):
         return _compare(recorded, recorded["served"], current, settings,
                         f"the trainer's side-by-side evaluation at export on {recorded.get('examples')} users; only "
-                        f"{len(held)} newer events now")
+                        f"{fresh.users} newer events now")
     return Gate("quality", False, f"no evaluation of version {version} against version {current} on the same "
-                f"events: only {len(held)} users have events neither trained on (< min_eval_examples "
+                f"events: only {fresh.users} users have events neither trained on (< min_eval_examples "
                 f"{settings.min_eval_examples}), and the trainer did not compare them at export")
 
 
@@ -289,9 +361,13 @@ def promote(model_dir: Path, log_dir: Path, version: int, label: str, reason: st
             gates.append(gate_invalid_sid(manifest, version))
             events = read_log(log_dir)
             gates.append(gate_staleness(manifest, version, newest_event_time(events), settings))
+            compared = {version: manifest}
             if current is not None and current in version_numbers(model_dir):
-                gates.append(gate_quality(model_dir, events, version, manifest, current,
-                                          _manifest(model_dir, current), settings, say))
+                compared[current] = _manifest(model_dir, current)
+            fresh = evaluate_fresh(model_dir, events, compared, settings, say)
+            gates.append(gate_popularity_floor(version, manifest, fresh, settings))
+            if current is not None and current in compared:
+                gates.append(gate_quality(version, manifest, current, fresh, settings))
         _decide(gates, force, f"promoting version {version} to {label!r}")
         return _record(model_dir, "promote", label, current, version, reason, force, gates, who or operator())
 

@@ -16,6 +16,9 @@ class ServingSettings(BaseModel):
     grpc_port: int = Field(8500, ge=0, le=65535)  # 0: a free port (printed)
     rest_port: int = Field(8501, ge=0, le=65535)  # 0: a free port; -1 is not allowed, use rest: false
     rest: bool = True
+    # The widest beam this server runs: a version searches with the width its manifest records (the
+    # search its gates judged, trainer.continuous.beam_width), capped at this (logged when it differs);
+    # a manifest without one gets this. Also the largest k a request may ask for.
     beam_width: int = Field(10, ge=1, le=256)
     max_batch: int = Field(32, ge=1, le=64)
     max_wait_ms: float = Field(2.0, ge=0.0)

@@ -20,7 +20,7 @@ from trainer.checkpoint import read_manifest
 from trainer.evaluate import top_k_excluding
 from trainer.retrieval import Recommender
 from trainer.sasrec import score_users
-from trainer.servable import DECODER, SASREC, ItemCatalogue, load_sasrec_version, load_version
+from trainer.servable import DECODER, SASREC, ItemCatalogue, load_sasrec_version, load_version, recorded_beam_width
 from trainer.vocab import VocabLayout
 
 SUPPORTED_PROMPT_FORMATS = ("behaviour-v1",)
@@ -78,12 +78,18 @@ def batch_bucket(n: int) -> int:
 
 
 class ServableVersion:
-    """A version's decoder, catalogue and prompt schema, ready to answer batches of requests."""
+    """A version's decoder, catalogue and prompt schema, ready to answer batches of requests.
+
+    It searches with the beam width its manifest records (the search its gates judged), capped at
+    `beam_width` (serving.beam_width); a manifest that records none gets `beam_width`.
+    `recorded_beam_width` keeps the manifest's figure, so the server can say when the two differ."""
 
     def __init__(self, model_dir: Path, version: int, beam_width: int) -> None:
         model, manifest, item_ids, sids = load_version(model_dir, version)
         check_manifest(manifest)
-        self.version, self.manifest, self.beam_width = version, manifest, beam_width
+        self.version, self.manifest = version, manifest
+        self.recorded_beam_width = recorded_beam_width(manifest)
+        self.beam_width = min(self.recorded_beam_width or beam_width, beam_width)
         self.layout = VocabLayout.from_json(manifest["vocabulary"])
         self.items = ItemCatalogue.build(self.layout, item_ids, sids)
         if not self.items.item_ids:
@@ -155,7 +161,8 @@ class DotProductVersion:
 
 
 def load_servable(model_dir: Path, version: int, beam_width: int) -> ServableVersion | DotProductVersion:
-    """The servable of a version directory, by its manifest's kind."""
+    """The servable of a version directory, by its manifest's kind (beam_width: serving's cap, see
+    ServableVersion)."""
     manifest = read_manifest(Path(model_dir) / str(version))
     check_manifest(manifest)
     if manifest.get("kind", DECODER) == SASREC:

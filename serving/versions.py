@@ -141,6 +141,13 @@ class VersionManager:
             self.lock.notify_all()
         self.say(f"serve: version {status.version} AVAILABLE (loaded and warmed up in "
                  f"{time.monotonic() - started:.1f} s, {len(loaded.items.item_ids):,} items)")
+        if isinstance(loaded, ServableVersion) and loaded.recorded_beam_width is None:
+            self.say(f"serve: version {status.version}'s manifest records no beam width (exported before it "
+                     f"did); it searches with serving.beam_width {loaded.beam_width}")
+        elif isinstance(loaded, ServableVersion) and loaded.recorded_beam_width != loaded.beam_width:
+            self.say(f"serve: version {status.version} searches with beam width {loaded.beam_width}, not the "
+                     f"{loaded.recorded_beam_width} its manifest records and its gates judged "
+                     f"(serving.beam_width caps it)")
 
     def _unload(self, status: VersionStatus) -> None:
         with self.lock:

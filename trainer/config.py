@@ -21,11 +21,17 @@ class ContinuousSettings(BaseModel):
     idle_after_steps: int = Field(500, ge=0)  # history-only steps after the last fresh example, then wait
     eval_examples: int = Field(300, ge=1)  # newest held-out events evaluated per checkpoint (one per user)
     min_eval_examples: int = Field(50, ge=1)  # fewer held-out events than this: no comparison, no export
-    beam_width: int = Field(20, ge=1)
+    # The search the gates judge and serving runs: recorded in each exported version's manifest
+    # ("search": {"beam_width": N}); serving.beam_width may only cap it.
+    beam_width: int = Field(10, ge=1, le=256)
     export_margin: float = Field(0.01, ge=0.0)  # Recall@10 / NDCG@10 may trail the served version by this much
     # ...unless it is established at this one-sided confidence over the same held-out users that the
     # candidate trails by more (0.5: compare the point estimates, however few the users).
     export_confidence: float = Field(0.95, ge=0.5, lt=1.0)
+    # Export only a checkpoint whose Recall@10 beats recent popularity's on the same held-out users.
+    # Off only for runs too small to learn anything (`plum demo --no-popularity-floor`); the manifest
+    # then says the floor was not applied.
+    popularity_floor: bool = True
     report_every_s: float = Field(10.0, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus metrics over HTTP; 0 = off
     migrate_sid_versions: bool = True  # adopt a refitted SID version at the next checkpoint boundary

@@ -10,14 +10,17 @@ historical examples:
   once, oldest first); the others end at an event drawn uniformly from the history pool.
 - Prequential evaluation: events read since the last checkpoint are held out. At each checkpoint
   boundary the model is evaluated on the newest of them (one per user: history before it ->
-  constrained beam search -> Recall/NDCG@10, invalid-SID rate), and so is the served version on
-  the same slice; only then are they released for training. The eval slice is therefore always
-  events after the training watermark.
+  constrained beam search of `beam_width` -> Recall/NDCG@10, invalid-SID rate), and so are the
+  served version (with the beam width its manifest records) and recent popularity on the same
+  slice; only then are they released for training. The eval slice is therefore always events
+  after the training watermark.
 - Checkpoints: orbax CheckpointManager (asynchronous, keep N, atomic), holding the model and
   optimizer state together with the stream's data state (files read, queues, ledger, RNG).
-- Export: when the gates pass (enough held-out events, invalid-SID rate 0, Recall@10 and NDCG@10
-  not worse than the served version's on the same slice by more than `export_margin`), the
-  model becomes the next servable version with a snapshot of the catalogue (trainer/servable.py).
+- Export: when the gates pass (enough held-out events, invalid-SID rate 0, Recall@10 above recent
+  popularity's on the same slice, Recall@10 and NDCG@10 not worse than the served version's on the
+  same slice by more than `export_margin`), the model becomes the next servable version with a
+  snapshot of the catalogue (trainer/servable.py); its manifest records the beam width it was
+  judged with, which serving then runs.
   The catalogue is re-read from the SID table at every boundary, so items the tokenizer assigns
   SIDs to become retrievable in the next export. A refused export logs its reason.
 - With no fresh example waiting, the loop trains history-only batches for `idle_after_steps`
@@ -26,6 +29,7 @@ historical examples:
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import threading
@@ -33,7 +37,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,11 +47,13 @@ from tokenizer.sid_table import load_table, versions
 from trainer.checkpoint import CheckpointError, decoder_config_from_json, decoder_config_json, load_model
 from trainer.config import TrainerSettings
 from trainer.data import history_tokens, pack_batch, target_weights
-from trainer.evaluate import EvalSet, quality_gate, target_ranks
+from trainer.evaluate import (
+    POPULARITY_WINDOW, EvalSet, popularity_baseline, popularity_floor, quality_gate, target_ranks,
+)
 from trainer.metrics import TrainerMetrics
 from trainer.model import Decoder
 from trainer.retrieval import Recommender, RetrievalSettings, evaluate
-from trainer.servable import ItemCatalogue, export_version, load_version, served_version
+from trainer.servable import ItemCatalogue, export_version, load_version, recorded_beam_width, served_version
 from trainer.stream import LoggedEvent, Stream
 from trainer.train import OptimConfig, TrainLoop
 from trainer.resize import resize_state, token_sources
@@ -82,9 +88,10 @@ class ContinuousPaths:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Held-out events in item ids: per event the history before it (capped), its rewards, every
-    earlier item (excluded from the ranking) and the target."""
+    """Held-out events in item ids: per event its event id, the history before it (capped), its
+    rewards, every earlier item (excluded from the ranking) and the target."""
 
+    event_ids: tuple[str, ...]
     histories: tuple[tuple[str, ...], ...]
     rewards: tuple[tuple[float, ...], ...]
     seen: tuple[tuple[str, ...], ...]
@@ -97,15 +104,25 @@ class HeldOut:
 
 def held_out_of(targets: Sequence[tuple[LoggedEvent, Sequence[LoggedEvent]]], max_history: int) -> HeldOut:
     """Held-out events from (target event, the user's events before it) pairs, in the given order."""
-    rows = [(tuple(e.item_id for e in before[-max_history:]), tuple(e.reward for e in before[-max_history:]),
-             tuple(e.item_id for e in before), event.item_id, event.context) for event, before in targets]
-    return HeldOut(*(tuple(col) for col in zip(*rows))) if rows else HeldOut((), (), (), (), ())
+    rows = [(event.event_id, tuple(e.item_id for e in before[-max_history:]),
+             tuple(e.reward for e in before[-max_history:]), tuple(e.item_id for e in before), event.item_id,
+             event.context) for event, before in targets]
+    return HeldOut(*(tuple(col) for col in zip(*rows))) if rows else HeldOut((), (), (), (), (), ())
+
+
+def popularity_on(held: HeldOut, events: Iterable[LoggedEvent], window: int = POPULARITY_WINDOW) -> dict[str, Any]:
+    """Recent popularity (trainer.evaluate.popularity_baseline) on the held-out events: it counts the
+    items of the `window` newest events that are not themselves held-out targets."""
+    targets = set(held.event_ids)
+    recent = heapq.nlargest(window, (e for e in events if e.event_id not in targets), key=lambda e: e.order)
+    return popularity_baseline([e.item_id for e in reversed(recent)], held.seen, held.targets)
 
 
 def evaluate_held_out(model: Decoder, layout: VocabLayout, items: ItemCatalogue, held: HeldOut, max_history: int,
                       beam_width: int, batch: int = 64) -> dict[str, float]:
-    """Recall/NDCG@5/10, effective vocabulary and invalid-SID rate of constrained beam search on
-    held-out events, in the model's own catalogue (a target it cannot name counts as a miss)."""
+    """Recall/NDCG@5/10, effective vocabulary and invalid-SID rate of constrained beam search of
+    `beam_width` (recorded with them) on held-out events, in the model's own catalogue (a target it
+    cannot name counts as a miss)."""
     histories, rewards, seen = [], [], []
     for hist, rew, before in zip(held.histories, held.rewards, held.seen):
         pairs = [(items.index[i], r) for i, r in zip(hist, rew) if i in items.index]
@@ -119,22 +136,34 @@ def evaluate_held_out(model: Decoder, layout: VocabLayout, items: ItemCatalogue,
     metrics, ranked = evaluate(recommender, eval_set, rewards, beam_width, min(batch, max(len(held), 1)),
                                contexts=held.contexts)
     metrics["examples"] = len(held)
+    metrics["beam_width"] = beam_width
     # Per-user target ranks (held-out order, -1: not in the top 10): gates compare two models user by user.
     metrics["target_ranks"] = target_ranks(ranked, targets).tolist()
     return metrics
 
 
 def export_gate(candidate: dict[str, Any], served: dict[str, Any] | None, served_number: int | None,
-                min_examples: int, margin: float, confidence: float = 0.95) -> tuple[bool, str]:
+                min_examples: int, margin: float, confidence: float = 0.95, *,
+                popularity: dict[str, Any], popularity_floor_on: bool = True) -> tuple[bool, str]:
     """Whether a checkpoint may become a servable version, and why (a pure function of the figures).
+    The popularity floor (trainer.evaluate.popularity_floor: `popularity` holds recent popularity's
+    figures on the same held-out users) applies also with no served version; with
+    `popularity_floor_on` false it is only reported, as not applied.
     Against the served version it is refused only when it trails on Recall@10 or NDCG@10 by more than
     `margin` at `confidence` over the same held-out users (trainer.evaluate.quality_gate)."""
     if candidate.get("examples", 0) < min_examples:
         return False, f"only {candidate.get('examples', 0)} held-out events (< min_eval_examples {min_examples})"
     if candidate["invalid_sid_rate"] > 0:
         return False, f"invalid-SID rate {candidate['invalid_sid_rate']:.4f} (must be 0)"
+    beats, detail = popularity_floor(candidate, popularity)
+    if not popularity_floor_on:
+        floor = f"; popularity floor not applied (trainer.continuous.popularity_floor false): {detail}"
+    elif not beats:
+        return False, f"popularity_floor: {detail}"
+    else:
+        floor = f"; {detail}"
     if served is None:
-        return True, "no served version yet"
+        return True, "no served version yet" + floor
     failing, compared = quality_gate(candidate, served, margin, confidence)
     if failing is not None:
         metric = failing.metric
@@ -142,7 +171,8 @@ def export_gate(candidate: dict[str, Any], served: dict[str, Any] | None, served
                        f"{served[metric]:.4f} by more than the margin {margin:g} ({failing.describe()})")
     recall = compared[0]
     return True, (f"recall@10 {candidate['recall@10']:.4f} vs served version {served_number}'s "
-                  f"{served['recall@10']:.4f}: not worse by more than the margin {margin:g} ({recall.describe()})")
+                  f"{served['recall@10']:.4f}: not worse by more than the margin {margin:g} ({recall.describe()})"
+                  + floor)
 
 
 class ContinuousTrainer:
@@ -313,12 +343,15 @@ class ContinuousTrainer:
             return report
         report["model"] = evaluate_held_out(self.loop.model(), self.layout, self.items, held, self.max_history,
                                             self.cfg.beam_width)
+        report["popularity"] = popularity_on(held, self.stream.events.values())
         served = self._served()
         if served is not None:
             number, model, manifest, items = served
             layout = VocabLayout.from_json(manifest["vocabulary"])
             history = int(manifest["prompt_schema"].get("max_history", self.max_history))
-            report["served"] = evaluate_held_out(model, layout, items, held, history, self.cfg.beam_width)
+            # The served version is judged with the search it serves with (its manifest's beam width).
+            width = recorded_beam_width(manifest) or self.cfg.beam_width
+            report["served"] = evaluate_held_out(model, layout, items, held, history, width)
             report["served_version"] = number
         return report
 
@@ -350,11 +383,13 @@ class ContinuousTrainer:
         if "model" in report:
             passed, reason = export_gate(report["model"], report.get("served"), report.get("served_version"),
                                          self.cfg.min_eval_examples, self.cfg.export_margin,
-                                         self.cfg.export_confidence)
+                                         self.cfg.export_confidence, popularity=report["popularity"],
+                                         popularity_floor_on=self.cfg.popularity_floor)
             figures = report["model"]
             self.say(f"train continuous: checkpoint {step}: held-out {len(held)} events recall@10 "
                      f"{figures['recall@10']:.4f} ndcg@10 {figures['ndcg@10']:.4f} invalid-SID rate "
-                     f"{figures['invalid_sid_rate']:.4f}")
+                     f"{figures['invalid_sid_rate']:.4f} (recent popularity recall@10 "
+                     f"{report['popularity']['recall@10']:.4f})")
             last = self.exports[-1]["step"] if self.exports else None
             if passed and changed:
                 passed, reason = False, f"{changed}; the next checkpoint is evaluated in the new vocabulary"
@@ -433,8 +468,9 @@ class ContinuousTrainer:
         watermark = self.stream.watermark()
         manifest.update(stage="continuous", data_watermark=watermark, train_loss=self.loss,
                         eval={"protocol": "newest held-out events after the training watermark, one per user",
-                              **report["model"], "served_version": report.get("served_version"),
-                              "served": report.get("served")},
+                              **report["model"], "popularity": report["popularity"],
+                              "served_version": report.get("served_version"), "served": report.get("served")},
+                        search={"beam_width": self.cfg.beam_width},
                         parent_checkpoint=str(self.paths.checkpoints / str(step)),
                         cpt_checkpoint=self.origin["cpt_checkpoint"], gate=reason, step=step)
         ledger = self.stream.ledger

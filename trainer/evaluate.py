@@ -17,13 +17,17 @@ Protocol (DESIGN.md "Assets and data"):
 - Metrics: Recall@K (= hit rate, one relevant item per user) and NDCG@K = 1/log2(rank + 2) for
   a hit at 0-based rank, else 0, averaged over users; and the PLUM paper's effective vocabulary
   (how many distinct items fill 95% of all recommendation slots).
+- The popularity floor: a model that does not beat recommending the items most frequent among
+  recent events (seen items excluded, top-10) on the same held-out users, by Recall@10, is never
+  exported or promoted (`popularity_baseline`, `popularity_floor`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from itertools import islice
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -65,6 +69,12 @@ class EvalSet:
     def head(self, n: int | None) -> "EvalSet":
         """The first n evaluated users (all when n is None)."""
         return self if n is None else EvalSet(self.users[:n], self.histories[:n], self.targets[:n], self.seen[:n])
+
+    def where(self, keep: np.ndarray) -> "EvalSet":
+        """The evaluated users for which keep [n] is true, in order."""
+        rows = np.flatnonzero(keep)
+        return EvalSet(self.users[rows], tuple(self.histories[r] for r in rows), self.targets[rows],
+                       tuple(self.seen[r] for r in rows))
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,3 +314,51 @@ def quality_gate(candidate: dict, reference: dict, margin: float, confidence: fl
     trails the reference by more than `margin` at `confidence` (None: it passes), and every comparison."""
     compared = [paired_difference(candidate, reference, metric, confidence) for metric in GATE_METRICS]
     return next((d for d in compared if d.trails(margin)), None), compared
+
+
+# The popularity floor ----------------------------------------------------------------------------
+POPULARITY_WINDOW = 10_000  # the newest events (before the evaluated ones) whose items popularity counts
+POPULARITY_K = 10
+
+
+def popularity_baseline(recent_items: Sequence, seen: Sequence[Sequence], targets: Sequence,
+                        k: int = POPULARITY_K) -> dict[str, Any]:
+    """The recent-popularity recommender on held-out users: Recall@k, NDCG@k and per-user target ranks.
+
+    recent_items: the item ids of the recent events, oldest first (each event counts once);
+    seen[u]: the items user u interacted with before its target, never recommended to u (as the
+    model's search excludes them); targets[u]: u's held-out item. Every user is recommended the k
+    most frequent items of `recent_items` that u has not seen; items with equal counts rank the one
+    with the newer last occurrence first. An item absent from `recent_items` is never recommended.
+    """
+    if len(seen) != len(targets):
+        raise ValueError(f"need one seen list per target, got {len(seen)} and {len(targets)}")
+    if not targets:
+        raise ValueError("there are no held-out users to evaluate popularity on")
+    counts: dict[Any, int] = {}
+    last: dict[Any, int] = {}
+    for position, item in enumerate(recent_items):
+        counts[item] = counts.get(item, 0) + 1
+        last[item] = position
+    popular = sorted(counts, key=lambda item: (-counts[item], -last[item]))
+    ranks = []
+    for before, target in zip(seen, targets):
+        excluded = set(before)
+        top = list(islice((item for item in popular if item not in excluded), k))
+        ranks.append(top.index(target) if target in top else -1)
+    figures: dict[str, Any] = {f"{name}@{k}": float(user_values(ranks, f"{name}@{k}").mean())
+                               for name in ("recall", "ndcg")}
+    return {**figures, "examples": len(targets), "recent_events": len(recent_items), "target_ranks": ranks}
+
+
+def popularity_floor(candidate: dict, popularity: dict) -> tuple[bool, str]:
+    """The absolute floor of export and promotion: the candidate's Recall@10 must be strictly above
+    recent popularity's on the same held-out users. A tie fails (equal recall does not beat it), so
+    a candidate that hits nothing never passes, whatever the baseline."""
+    if candidate.get("examples") != popularity.get("examples"):
+        raise ValueError(f"the candidate ({candidate.get('examples')} users) and popularity "
+                         f"({popularity.get('examples')} users) must be evaluated on the same held-out users")
+    mine, theirs = candidate["recall@10"], popularity["recall@10"]
+    verdict = "beats" if mine > theirs else "does not beat"
+    return mine > theirs, (f"recall@10 {mine:.4f} {verdict} recent popularity's {theirs:.4f} on the same "
+                           f"{popularity['examples']} held-out users")

@@ -3,7 +3,8 @@
 <model_dir>/<int version>/
   params/         orbax parameters of the decoder
   manifest.json   model config, vocabulary layout, sid_version, prompt schema, data watermark, eval
-                  figures, parent checkpoint, created_at (trainer/checkpoint.py)
+                  figures, parent checkpoint, created_at (trainer/checkpoint.py), and "search":
+                  {"beam_width": N}, the search its gates judged and serving runs
   items.parquet   item_id and full SID (codes + suffix) of every item the version can recommend: a
                   snapshot, so items the tokenizer adds later do not change a published version
 <model_dir>/labels.json   {"stable": N, "canary": M}: which versions the labels point at (ops writes)
@@ -33,6 +34,7 @@ ITEMS = "items.parquet"
 LABELS = "labels.json"
 DECODER = "plum-decoder"  # manifest "kind": generative retrieval (the default)
 SASREC = "sasrec-dot"  # the SASRec baseline: dot-product top-K over its item embeddings
+SEARCH = "search"  # manifest key: {"beam_width": N}
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,13 @@ def served_version(model_dir: Path) -> int | None:
         return stable
     numbers = version_numbers(model_dir)
     return numbers[-1] if numbers else None
+
+
+def recorded_beam_width(manifest: dict[str, Any]) -> int | None:
+    """The beam width a version's manifest records: the search its export and promotion gates judged,
+    and the one serving runs. None for versions exported before the manifest recorded it."""
+    width = (manifest.get(SEARCH) or {}).get("beam_width")
+    return None if width is None else int(width)
 
 
 def export_version(model_dir: Path, model: Decoder, manifest: dict[str, Any], item_ids: Sequence[str],
