@@ -291,6 +291,11 @@ def readme_table(report: dict[str, Any]) -> str:
         lines.append(f"Nominal peak: {nominal['cores']} cores x {nominal['clock_hz'] / 1e9:.3g} GHz "
                      f"({nominal['clock_source']}) x {nominal['flops_per_cycle']} float32 FLOP/cycle "
                      f"({nominal['vector_unit']}).")
+        if report["matmul_peak_flops_per_s"] > nominal["flops_per_s"]:
+            lines.append(f"The measured matmul rate is {report['matmul_peak_flops_per_s'] / nominal['flops_per_s']:.2f} "
+                         f"times this nominal peak, which cannot be: the clock read is below the one the cores "
+                         f"run at (boost, not visible here), so MFU vs nominal overstates and MFU vs matmul is "
+                         f"the firmer figure.")
     else:
         lines.append(f"Nominal peak unknown: {nominal['unreadable']}.")
     lines.append(f"Measured {report['machine']['measured_at']} on {report['machine']['backend']} "
