@@ -487,8 +487,9 @@ def demo(ctx: click.Context, **options: Any) -> None:
     plum demo --limit 3000 --model-size tiny --sid-steps 30 --cpt-steps 5 --sft-steps 10 \\
               --no-popularity-floor
 
-    Without --no-popularity-floor a run whose model does not beat recent popularity stops at stage 8
-    with the gate's figures instead of promoting it.
+    Without --no-popularity-floor a run whose model does not beat recent popularity stops with the
+    gate's figures instead of promoting it: at stage 8 when the trainer exports nothing, at stage 9
+    when promotion refuses every version exported.
     """
     from ops.demo import DemoRun, run
 
