@@ -175,6 +175,26 @@ def export_gate(candidate: dict[str, Any], served: dict[str, Any] | None, served
                   + floor)
 
 
+# How each refusal reason of the export (export_gate and the trainer's own checks) names its gate:
+# the reason begins with the text, or (served version, vocabulary change) contains it.
+REFUSAL_GATES = (("min_eval_examples", "only "), ("invalid_sid", "invalid-SID rate"),
+                 ("popularity_floor", "popularity_floor:"), ("unchanged", "nothing trained since"),
+                 ("unchanged", "unchanged since version"))
+REFUSAL_GATES_INSIDE = (("served_version", "trails served version"),
+                        ("vocabulary_change", "evaluated in the new vocabulary"))
+
+
+def refused_by(reason: str) -> str:
+    """The gate a refusal reason names ("other" if none): what `export_refusals` counts."""
+    for gate, text in REFUSAL_GATES:
+        if reason.startswith(text):
+            return gate
+    for gate, text in REFUSAL_GATES_INSIDE:
+        if text in reason:
+            return gate
+    return "other"
+
+
 class ContinuousTrainer:
     """The loop's state and its steps; `run` drives it until stopped."""
 
@@ -191,6 +211,7 @@ class ContinuousTrainer:
         self.steps_since_fresh = 0
         self._held_since: float | None = None  # when the oldest held-out event was read
         self.exports: list[dict[str, Any]] = []
+        self.export_refusals: dict[str, int] = {}  # gate -> checkpoints it refused (refused_by)
         self.last_eval: dict[str, Any] = {}
         # Wall-clock seconds by activity since this process started (status + metrics): what the
         # evaluations at checkpoint boundaries cost against training.
@@ -241,6 +262,7 @@ class ContinuousTrainer:
         self.rng.bit_generator.state = data["rng"]
         self.steps_since_fresh = int(data.get("steps_since_fresh", 0))
         self.exports, self.last_eval = data.get("exports", []), data.get("last_eval", {})
+        self.export_refusals = dict(data.get("export_refusals", {}))
         self.last_checkpoint = {"step": step, "path": str(self.paths.checkpoints / str(step))}
         ledger = self.stream.ledger
         self.say(f"train continuous: resumed from checkpoint step {step}: {len(self.stream.files):,} log files read, "
@@ -401,6 +423,8 @@ class ContinuousTrainer:
             else:
                 self.say(f"train continuous: not exported: {reason}")
                 report["export_refused"] = reason
+                gate = refused_by(reason)
+                self.export_refusals[gate] = self.export_refusals.get(gate, 0) + 1
         else:
             self.say(f"train continuous: checkpoint {step} (no held-out events to evaluate; nothing exported)")
         report["boundary_s"] = round(time.monotonic() - started, 3)
@@ -454,7 +478,8 @@ class ContinuousTrainer:
     def _data_state(self, step: int) -> dict[str, Any]:
         return {"origin": self.origin, "step": step, "stream": self.stream.state(),
                 "rng": self.rng.bit_generator.state, "steps_since_fresh": self.steps_since_fresh,
-                "exports": self.exports[-20:], "last_eval": self.last_eval}
+                "exports": self.exports[-20:], "last_eval": self.last_eval,
+                "export_refusals": self.export_refusals}
 
     def _save(self, step: int) -> None:
         if self.manager.latest_step() == step:
@@ -494,7 +519,7 @@ class ContinuousTrainer:
                 "waiting": len(self.stream.released),
                 "fresh": ledger.counts(),
                 "watermark": self.stream.watermark(), "last_checkpoint": self.last_checkpoint,
-                "last_eval": self.last_eval, "exports": self.exports[-5:],
+                "last_eval": self.last_eval, "exports": self.exports[-5:], "export_refusals": self.export_refusals,
                 "seconds": {key: round(value, 3) for key, value in self.seconds.items()}, "updated_at": _now()}
 
     def write_status(self) -> None:

@@ -209,7 +209,8 @@ class TrainerObserver(threading.Thread):
                                      "step": status.get("step"), "tokens_per_s": status.get("tokens_per_s"),
                                      "checkpoint": (status.get("last_checkpoint") or {}).get("step"),
                                      "offsets": (status.get("watermark") or {}).get("offsets", {}),
-                                     "seconds": status.get("seconds") or {}})
+                                     "seconds": status.get("seconds") or {},
+                                     "export_refusals": status.get("export_refusals")})
             known = {v["version"] for v in self.versions}
             for number in version_numbers(self.model_dir):
                 if number not in known:
@@ -461,6 +462,9 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
         "to_taken_for_training": {**percentiles(list(trained.values())), "probes_taken": len(trained),
                                   "resolution_s": REPORT_EVERY_S},
         "checkpoints_while_load_offered": len(checkpoints),
+        # Checkpoints the export refused over the whole run, by the gate that refused them (the
+        # trainer's last status seen).
+        "export_refusals": observer.samples[-1].get("export_refusals") if observer.samples else None,
         "versions": [{k: v for k, v in version.items() if k not in ("offsets", "seen_at", "fresh")}
                      | {"seen_after_live_start_s": round(version["seen_at"] - live_start, 1),
                         "probes_reached_first": sum(index == seen for index in reached_in.values()),
@@ -515,6 +519,12 @@ def _shares(time: dict[str, Any]) -> str:
         f" of {time['wall_s']:.0f} s"
 
 
+def _refusals(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "not recorded"
+    return ", ".join(f"{gate} {n}" for gate, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+
 def readme_table(report: dict[str, Any]) -> str:
     a, b, tt = report["to_online_feature"], report["to_servable_version"], report["to_taken_for_training"]
     t, live = report["trainer_throughput"], report["live"]
@@ -536,6 +546,7 @@ def readme_table(report: dict[str, Any]) -> str:
         f"{b['probes_not_reached']:,} |\n"
         f"| servable versions exported / checkpoints while load was offered | {len(report['versions'])} / "
         f"{report['checkpoints_while_load_offered']} |\n"
+        f"| checkpoints not exported, by gate (whole run) | {_refusals(report.get('export_refusals'))} |\n"
         f"| trainer tokens/s alone / beside the live pipeline (ratio) | {t['alone']['tokens_per_s']} / "
         f"{t['beside_live_pipeline']['tokens_per_s']} ({t['ratio']}) |\n"
         f"| trainer's wall clock while load was offered: optimizer steps / evaluations / whole boundaries | "

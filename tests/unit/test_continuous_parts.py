@@ -158,3 +158,22 @@ def test_a_watermark_orders_log_positions_by_epoch_then_offset():
     old = {"offsets": {"0": 5}}  # written before log epochs: epoch 0
     assert position_covered(old, 0, 0, 5) and not position_covered(old, 0, 1, 0)
     assert not position_covered(None, 0, 0, 0)
+
+
+def test_each_export_refusal_is_counted_under_the_gate_that_made_it():
+    from trainer.continuous import refused_by
+
+    low, tie = _popularity(100), _popularity(100, 0.30)
+    reasons = {
+        "min_eval_examples": export_gate({**FIGURES, "examples": 10}, None, None, 50, 0.01, popularity=_popularity(10)),
+        "invalid_sid": export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=low),
+        "popularity_floor": export_gate(FIGURES, None, None, 50, 0.01, popularity=tie),
+        "served_version": export_gate(FIGURES, {**FIGURES, "recall@10": 0.40}, 7, 50, 0.01, popularity=low),
+    }
+    for gate, (passed, reason) in reasons.items():
+        assert not passed and refused_by(reason) == gate, reason
+    assert refused_by("unchanged since version 3") == refused_by("nothing trained since the CPT checkpoint") == \
+        "unchanged"
+    assert refused_by("SID version 2 adopted; the next checkpoint is evaluated in the new vocabulary") == \
+        "vocabulary_change"
+    assert refused_by("something new") == "other"
