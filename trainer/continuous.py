@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -142,57 +142,53 @@ def evaluate_held_out(model: Decoder, layout: VocabLayout, items: ItemCatalogue,
     return metrics
 
 
+# The gates that can refuse an export: export_gate's, then the trainer's own (a vocabulary change at the
+# boundary, nothing trained since the last export). `export_refusals` counts refusals under these names.
+EXPORT_GATES = ("min_eval_examples", "invalid_sid", "popularity_floor", "served_version", "vocabulary_change",
+                "unchanged")
+
+
+class Verdict(NamedTuple):
+    """An export decision: whether it passed, why, and the refusing gate (one of EXPORT_GATES; "" if passed)."""
+    passed: bool
+    reason: str
+    gate: str = ""
+
+
 def export_gate(candidate: dict[str, Any], served: dict[str, Any] | None, served_number: int | None,
                 min_examples: int, margin: float, confidence: float = 0.95, *,
-                popularity: dict[str, Any], popularity_floor_on: bool = True) -> tuple[bool, str]:
-    """Whether a checkpoint may become a servable version, and why (a pure function of the figures).
+                popularity: dict[str, Any], popularity_floor_on: bool = True) -> Verdict:
+    """Whether a checkpoint may become a servable version, why, and which gate refused it (a pure
+    function of the figures).
     The popularity floor (trainer.evaluate.popularity_floor: `popularity` holds recent popularity's
     figures on the same held-out users) applies also with no served version; with
     `popularity_floor_on` false it is only reported, as not applied.
     Against the served version it is refused only when it trails on Recall@10 or NDCG@10 by more than
     `margin` at `confidence` over the same held-out users (trainer.evaluate.quality_gate)."""
     if candidate.get("examples", 0) < min_examples:
-        return False, f"only {candidate.get('examples', 0)} held-out events (< min_eval_examples {min_examples})"
+        return Verdict(False, f"only {candidate.get('examples', 0)} held-out events (< min_eval_examples {min_examples})",
+                       "min_eval_examples")
     if candidate["invalid_sid_rate"] > 0:
-        return False, f"invalid-SID rate {candidate['invalid_sid_rate']:.4f} (must be 0)"
+        return Verdict(False, f"invalid-SID rate {candidate['invalid_sid_rate']:.4f} (must be 0)", "invalid_sid")
     beats, detail = popularity_floor(candidate, popularity)
     if not popularity_floor_on:
         floor = f"; popularity floor not applied (trainer.continuous.popularity_floor false): {detail}"
     elif not beats:
-        return False, f"popularity_floor: {detail}"
+        return Verdict(False, f"popularity_floor: {detail}", "popularity_floor")
     else:
         floor = f"; {detail}"
     if served is None:
-        return True, "no served version yet" + floor
+        return Verdict(True, "no served version yet" + floor)
     failing, compared = quality_gate(candidate, served, margin, confidence)
     if failing is not None:
         metric = failing.metric
-        return False, (f"{metric} {candidate[metric]:.4f} trails served version {served_number}'s "
-                       f"{served[metric]:.4f} by more than the margin {margin:g} ({failing.describe()})")
+        return Verdict(False, f"{metric} {candidate[metric]:.4f} trails served version {served_number}'s "
+                              f"{served[metric]:.4f} by more than the margin {margin:g} ({failing.describe()})",
+                       "served_version")
     recall = compared[0]
-    return True, (f"recall@10 {candidate['recall@10']:.4f} vs served version {served_number}'s "
-                  f"{served['recall@10']:.4f}: not worse by more than the margin {margin:g} ({recall.describe()})"
-                  + floor)
-
-
-# How each refusal reason of the export (export_gate and the trainer's own checks) names its gate:
-# the reason begins with the text, or (served version, vocabulary change) contains it.
-REFUSAL_GATES = (("min_eval_examples", "only "), ("invalid_sid", "invalid-SID rate"),
-                 ("popularity_floor", "popularity_floor:"), ("unchanged", "nothing trained since"),
-                 ("unchanged", "unchanged since version"))
-REFUSAL_GATES_INSIDE = (("served_version", "trails served version"),
-                        ("vocabulary_change", "evaluated in the new vocabulary"))
-
-
-def refused_by(reason: str) -> str:
-    """The gate a refusal reason names ("other" if none): what `export_refusals` counts."""
-    for gate, text in REFUSAL_GATES:
-        if reason.startswith(text):
-            return gate
-    for gate, text in REFUSAL_GATES_INSIDE:
-        if text in reason:
-            return gate
-    return "other"
+    return Verdict(True, f"recall@10 {candidate['recall@10']:.4f} vs served version {served_number}'s "
+                         f"{served['recall@10']:.4f}: not worse by more than the margin {margin:g} "
+                         f"({recall.describe()})" + floor)
 
 
 class ContinuousTrainer:
@@ -211,7 +207,7 @@ class ContinuousTrainer:
         self.steps_since_fresh = 0
         self._held_since: float | None = None  # when the oldest held-out event was read
         self.exports: list[dict[str, Any]] = []
-        self.export_refusals: dict[str, int] = {}  # gate -> checkpoints it refused (refused_by)
+        self.export_refusals: dict[str, int] = {}  # gate (EXPORT_GATES) -> checkpoints it refused
         self.last_eval: dict[str, Any] = {}
         # Wall-clock seconds by activity since this process started (status + metrics): what the
         # evaluations at checkpoint boundaries cost against training.
@@ -403,28 +399,27 @@ class ContinuousTrainer:
         changed = self._adopt_vocabulary_changes()
         self._save(step)
         if "model" in report:
-            passed, reason = export_gate(report["model"], report.get("served"), report.get("served_version"),
-                                         self.cfg.min_eval_examples, self.cfg.export_margin,
-                                         self.cfg.export_confidence, popularity=report["popularity"],
-                                         popularity_floor_on=self.cfg.popularity_floor)
+            verdict = export_gate(report["model"], report.get("served"), report.get("served_version"),
+                                  self.cfg.min_eval_examples, self.cfg.export_margin, self.cfg.export_confidence,
+                                  popularity=report["popularity"], popularity_floor_on=self.cfg.popularity_floor)
             figures = report["model"]
             self.say(f"train continuous: checkpoint {step}: held-out {len(held)} events recall@10 "
                      f"{figures['recall@10']:.4f} ndcg@10 {figures['ndcg@10']:.4f} invalid-SID rate "
                      f"{figures['invalid_sid_rate']:.4f} (recent popularity recall@10 "
                      f"{report['popularity']['recall@10']:.4f})")
             last = self.exports[-1]["step"] if self.exports else None
-            if passed and changed:
-                passed, reason = False, f"{changed}; the next checkpoint is evaluated in the new vocabulary"
-            if passed and (step == 0 or step == last):
-                passed, reason = False, ("nothing trained since the CPT checkpoint" if step == 0
-                                         else f"unchanged since version {self.exports[-1]['version']}")
-            if passed:
-                self._export(step, report, reason)
+            if verdict.passed and changed:
+                verdict = Verdict(False, f"{changed}; the next checkpoint is evaluated in the new vocabulary",
+                                  "vocabulary_change")
+            if verdict.passed and (step == 0 or step == last):
+                verdict = Verdict(False, "nothing trained since the CPT checkpoint" if step == 0
+                                  else f"unchanged since version {self.exports[-1]['version']}", "unchanged")
+            if verdict.passed:
+                self._export(step, report, verdict.reason)
             else:
-                self.say(f"train continuous: not exported: {reason}")
-                report["export_refused"] = reason
-                gate = refused_by(reason)
-                self.export_refusals[gate] = self.export_refusals.get(gate, 0) + 1
+                self.say(f"train continuous: not exported: {verdict.reason}")
+                report["export_refused"] = verdict.reason
+                self.export_refusals[verdict.gate] = self.export_refusals.get(verdict.gate, 0) + 1
         else:
             self.say(f"train continuous: checkpoint {step} (no held-out events to evaluate; nothing exported)")
         report["boundary_s"] = round(time.monotonic() - started, 3)

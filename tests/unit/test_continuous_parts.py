@@ -64,30 +64,30 @@ def test_event_digest_is_order_free_and_tells_sets_apart():
 
 def test_the_export_gate_names_the_failing_condition():
     low = _popularity(100)
-    ok, reason = export_gate(FIGURES, None, None, 50, 0.01, popularity=low)
+    ok, reason, gate = export_gate(FIGURES, None, None, 50, 0.01, popularity=low)
     assert ok and reason.startswith("no served version yet; recall@10 0.3000 beats recent popularity's 0.0500")
-    ok, reason = export_gate(FIGURES, None, None, 50, 0.01, popularity=_popularity(100, 0.30))  # a tie
+    ok, reason, gate = export_gate(FIGURES, None, None, 50, 0.01, popularity=_popularity(100, 0.30))  # a tie
     assert not ok and reason.startswith("popularity_floor: recall@10 0.3000 does not beat")
-    ok, reason = export_gate({**FIGURES, "examples": 10}, None, None, 50, 0.01, popularity=_popularity(10))
+    ok, reason, gate = export_gate({**FIGURES, "examples": 10}, None, None, 50, 0.01, popularity=_popularity(10))
     assert not ok and "only 10 held-out events" in reason
-    ok, reason = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=low)
+    ok, reason, gate = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=low)
     assert not ok and "invalid-SID rate" in reason
     served = {**FIGURES, "recall@10": 0.40}
-    ok, reason = export_gate(FIGURES, served, 7, 50, 0.01, popularity=low)
+    ok, reason, gate = export_gate(FIGURES, served, 7, 50, 0.01, popularity=low)
     assert not ok and "recall@10 0.3000 trails served version 7's 0.4000" in reason
     assert export_gate(FIGURES, {**FIGURES, "recall@10": 0.305}, 7, 50, 0.01, popularity=low)[0]  # inside the margin
-    ok, reason = export_gate(FIGURES, {**FIGURES, "ndcg@10": 0.2}, 7, 50, 0.01, popularity=low)
+    ok, reason, gate = export_gate(FIGURES, {**FIGURES, "ndcg@10": 0.2}, 7, 50, 0.01, popularity=low)
     assert not ok and reason.startswith("ndcg@10")
 
 
 def test_with_the_popularity_floor_off_the_export_gate_reports_it_as_not_applied():
     tie = _popularity(100, 0.30)
-    ok, reason = export_gate(FIGURES, None, None, 50, 0.01, popularity=tie, popularity_floor_on=False)
+    ok, reason, gate = export_gate(FIGURES, None, None, 50, 0.01, popularity=tie, popularity_floor_on=False)
     assert ok and reason == ("no served version yet; popularity floor not applied (trainer.continuous."
                              "popularity_floor false): recall@10 0.3000 does not beat recent popularity's 0.3000 "
                              "on the same 100 held-out users")
     # The other gates still apply.
-    ok, reason = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=tie,
+    ok, reason, gate = export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=tie,
                              popularity_floor_on=False)
     assert not ok and "invalid-SID rate" in reason
 
@@ -104,14 +104,14 @@ def test_the_gate_refuses_only_what_the_same_users_show_to_be_worse_beyond_the_m
     # 20 users: the served version ranks 4 targets, the candidate 2 of them: recall 0.10 vs 0.20.
     served = _evaluation([0, 3, 5, 7] + [-1] * 16)
     candidate = _evaluation([0, 3] + [-1] * 18)
-    ok, reason = export_gate(candidate, served, 8, 20, 0.01, popularity=_popularity(20, 0.0))  # 2 users apart: not established at 95%
+    ok, reason, gate = export_gate(candidate, served, 8, 20, 0.01, popularity=_popularity(20, 0.0))  # 2 users apart: not established at 95%
     assert ok and "not worse by more than the margin 0.01" in reason and "same 20 users" in reason
-    ok, reason = export_gate(candidate, served, 8, 20, 0.01, confidence=0.5, popularity=_popularity(20, 0.0))  # the point estimates
+    ok, reason, gate = export_gate(candidate, served, 8, 20, 0.01, confidence=0.5, popularity=_popularity(20, 0.0))  # the point estimates
     assert not ok and reason.startswith("recall@10 0.1000 trails served version 8's 0.2000")
     # The same shortfall on 200 users (20 targets lost of 40) is established.
     served = _evaluation([1] * 40 + [-1] * 160)
     candidate = _evaluation([1] * 20 + [-1] * 180)
-    ok, reason = export_gate(candidate, served, 8, 20, 0.01, popularity=_popularity(200, 0.0))
+    ok, reason, gate = export_gate(candidate, served, 8, 20, 0.01, popularity=_popularity(200, 0.0))
     assert not ok and "trails served version 8's 0.2000" in reason and "at 95% confidence at most -0.06" in reason
 
 
@@ -160,20 +160,18 @@ def test_a_watermark_orders_log_positions_by_epoch_then_offset():
     assert not position_covered(None, 0, 0, 0)
 
 
-def test_each_export_refusal_is_counted_under_the_gate_that_made_it():
-    from trainer.continuous import refused_by
+def test_each_export_refusal_names_the_gate_that_made_it():
+    from trainer.continuous import EXPORT_GATES
 
     low, tie = _popularity(100), _popularity(100, 0.30)
-    reasons = {
+    verdicts = {
         "min_eval_examples": export_gate({**FIGURES, "examples": 10}, None, None, 50, 0.01, popularity=_popularity(10)),
         "invalid_sid": export_gate({**FIGURES, "invalid_sid_rate": 0.02}, None, None, 50, 0.01, popularity=low),
         "popularity_floor": export_gate(FIGURES, None, None, 50, 0.01, popularity=tie),
         "served_version": export_gate(FIGURES, {**FIGURES, "recall@10": 0.40}, 7, 50, 0.01, popularity=low),
     }
-    for gate, (passed, reason) in reasons.items():
-        assert not passed and refused_by(reason) == gate, reason
-    assert refused_by("unchanged since version 3") == refused_by("nothing trained since the CPT checkpoint") == \
-        "unchanged"
-    assert refused_by("SID version 2 adopted; the next checkpoint is evaluated in the new vocabulary") == \
-        "vocabulary_change"
-    assert refused_by("something new") == "other"
+    for gate, verdict in verdicts.items():
+        assert not verdict.passed and verdict.gate == gate and gate in EXPORT_GATES, verdict
+    # Passing names no gate, also with the floor only reported.
+    assert export_gate(FIGURES, None, None, 50, 0.01, popularity=low).gate == ""
+    assert export_gate(FIGURES, None, None, 50, 0.01, popularity=tie, popularity_floor_on=False).gate == ""

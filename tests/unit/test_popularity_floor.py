@@ -46,11 +46,11 @@ def test_a_tie_with_popularity_does_not_pass_the_floor():
 def test_the_export_gate_applies_the_floor_with_or_without_a_served_version():
     candidate = {"examples": 100, "invalid_sid_rate": 0.0, "recall@10": 0.30, "ndcg@10": 0.15}
     popular = {"examples": 100, "recall@10": 0.30, "ndcg@10": 0.2}
-    ok, reason = export_gate(candidate, None, None, 50, 0.01, popularity=popular)
+    ok, reason, gate = export_gate(candidate, None, None, 50, 0.01, popularity=popular)
     assert not ok and reason.startswith("popularity_floor: recall@10 0.3000 does not beat recent popularity's 0.3000")
-    ok, reason = export_gate(candidate, dict(candidate), 4, 50, 0.01, popularity=popular)
+    ok, reason, gate = export_gate(candidate, dict(candidate), 4, 50, 0.01, popularity=popular)
     assert not ok and reason.startswith("popularity_floor:")  # also when it equals the served version
-    ok, reason = export_gate(candidate, None, None, 50, 0.01, popularity={**popular, "recall@10": 0.29})
+    ok, reason, gate = export_gate(candidate, None, None, 50, 0.01, popularity={**popular, "recall@10": 0.29})
     assert ok and reason == ("no served version yet; recall@10 0.3000 beats recent popularity's 0.2900 on the "
                              "same 100 held-out users")
 
