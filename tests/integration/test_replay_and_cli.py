@@ -16,6 +16,7 @@ from ingest.kafka_clients import ensure_topics, make_consumer
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
 from ops.config import PROJECT_ROOT
+from tests.support.brokers import ON_BOTH_BROKERS
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,7 @@ def _read_all(kafka, topic, partitions, expected):
     return records
 
 
+@ON_BOTH_BROKERS
 def test_replay_sends_items_first_then_events_paced_by_event_time(plum_config):
     kafka = plum_config.kafka
     ensure_topics(kafka)
@@ -65,8 +67,8 @@ def test_replay_sends_items_first_then_events_paced_by_event_time(plum_config):
     assert max(r.timestamp for r in item_records) <= min(r.timestamp for r in received)
 
 
-def run_plum(args, state_dir, timeout=300):
-    env = {**os.environ, "PLUM_PIPELINE__POLL_MAX_RECORDS": "1000"}
+def run_plum(args, state_dir, timeout=300, **settings):
+    env = {**os.environ, "PLUM_PIPELINE__POLL_MAX_RECORDS": "1000", **settings}
     result = subprocess.run([sys.executable, "-m", "ops.cli", "--state-dir", str(state_dir), *args],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return result.returncode, result.stdout + result.stderr
@@ -90,6 +92,62 @@ def test_stack_up_replay_pipeline_down_through_the_cli(tmp_path):
         assert code == 2 and "error: --speed must be a positive" in out
     finally:
         code, out = run_plum(["stack", "down"], state)
-    assert code == 0 and "stopped pid" in out, out
+    assert code == 0 and "stopped Tansu pid" in out and "in-memory topics are gone" in out, out
     code, out = run_plum(["pipeline", "--until-caught-up"], state)
     assert code == 4 and "run `plum stack up`" in out and "Traceback" not in out
+
+
+def _end_offsets(state, topic):
+    from ingest.config import KafkaConfig
+    from ingest.kafka_clients import end_offsets
+    from ops.broker import BrokerInfo
+
+    info = BrokerInfo.load(state / "stack.json")
+    return sum(end_offsets(KafkaConfig(bootstrap_servers=info.bootstrap_servers), topic, 4).values())
+
+
+def test_apache_kafka_keeps_every_event_across_stack_down_up_and_a_kill_9(tmp_path):
+    """kafka.broker apache-kafka: the log outlives the broker process, and the pipeline resumes where it was."""
+    import json
+    import signal
+
+    state = tmp_path / "state"
+    kafka = {"PLUM_KAFKA__BROKER": "apache-kafka"}
+    try:
+        code, out = run_plum(["stack", "up"], state, **kafka)
+        assert code == 0 and "started Apache Kafka" in out and "formatting a new Apache Kafka log" in out, out
+        code, out = run_plum(["replay", "movielens-100k", "--limit", "1500"], state, **kafka)
+        assert code == 0 and "sent 1682 items and 1500 events" in out, out
+        code, out = run_plum(["pipeline", "--until-caught-up"], state, **kafka)
+        assert code == 0 and "applied 1500 events" in out, out
+
+        code, out = run_plum(["stack", "down"], state, **kafka)
+        assert code == 0 and "stopped Apache Kafka" in out and "log is kept" in out, out
+        code, out = run_plum(["stack", "up"], state, **kafka)
+        assert code == 0 and "started Apache Kafka" in out and "formatting" not in out, out
+        assert _end_offsets(state, "plum.events") == 1500  # every event is still in the log
+        code, out = run_plum(["pipeline", "--until-caught-up"], state, **kafka)
+        assert code == 0 and "applied 0 events (0 duplicates ignored)" in out, out  # resumes at the end
+
+        pid = json.loads((state / "stack.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        code, out = run_plum(["stack", "up"], state, **kafka)  # the recorded broker is dead: a new one, same log
+        assert code == 0 and "started Apache Kafka" in out, out
+        code, out = run_plum(["replay", "movielens-100k", "--limit", "2000"], state, **kafka)
+        assert code == 0, out
+        assert _end_offsets(state, "plum.events") == 3500
+        code, out = run_plum(["pipeline", "--until-caught-up"], state, **kafka)
+        # Read from where it was: the 1,500 resent events are duplicates, the next 500 are new.
+        assert code == 0 and "applied 500 events (1500 duplicates ignored)" in out, out
+    finally:
+        code, out = run_plum(["stack", "down"], state, **kafka)
+    from ingest.training_log import read_training_log
+
+    log = read_training_log(state / "training_log")
+    assert len(log) == log["event_id"].nunique() == 2000
+
+
+def test_apache_kafka_without_java_is_a_clear_error(tmp_path):
+    code, out = run_plum(["stack", "up"], tmp_path / "state", PLUM_KAFKA__BROKER="apache-kafka",
+                         JAVA_HOME=str(tmp_path / "no-java"), PATH=str(tmp_path))
+    assert code != 0 and "needs Java 17 or newer, and no java was found" in out and "Traceback" not in out, out

