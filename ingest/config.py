@@ -15,10 +15,11 @@ class KafkaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bootstrap_servers: str = EMBEDDED
-    # Which broker `plum stack up` starts when bootstrap_servers is "embedded": the Tansu binary
-    # (log in memory) or Apache Kafka in KRaft mode from its pinned Maven jars (log on disk in
-    # <state>/kafka, kept across `plum stack down` / `up` and a kill of the broker).
-    broker: Literal["tansu", "apache-kafka"] = "tansu"
+    # Which broker `plum stack up` starts when bootstrap_servers is "embedded": Apache Kafka in
+    # KRaft mode from its pinned Maven jars (log on disk in <state>/kafka, kept across `plum stack
+    # down` / `up` and a kill of the broker), or the Tansu binary (log in memory; starts in 0.1 s).
+    # Chosen by `plum bench broker` (docs/benchmarks.md).
+    broker: Literal["apache-kafka", "tansu"] = "apache-kafka"
     broker_heap_mb: int = Field(512, ge=128)  # -Xmx of the embedded Apache Kafka
     events_topic: str = "plum.events"
     items_topic: str = "plum.items"

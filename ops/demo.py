@@ -1,7 +1,7 @@
 """The main job (`plum demo`): the whole loop on the embedded default, in its own state directory
 (<state>/demo, wiped at the start), with progress output all the way.
 
- 1 stack     the Tansu broker (this process owns it), the topics, the Feast repo
+ 1 stack     the embedded broker (kafka.broker; this process owns it), the topics, the Feast repo
  2 replay    MovieLens-100K through Kafka: the catalogue, then the history (every event but the last
              `live_events`, in event-time order; times shifted so that the history ends now, order and
              gaps kept), then three malformed records that must end in the dead-letter topic

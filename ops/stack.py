@@ -2,7 +2,7 @@
 
 `up` is idempotent: a broker already recorded and alive is reused. Any other command resolves
 `kafka.bootstrap_servers: embedded` to the address `up` recorded. `kafka.broker` picks the
-embedded broker (ops/broker.py): Tansu (log in memory) or Apache Kafka (log in <state>/kafka).
+embedded broker (ops/broker.py): Apache Kafka (log in <state>/kafka) or Tansu (log in memory).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ def up(cfg: PlumConfig, port: int | None = None, detach: bool = True,
     if cfg.kafka.is_embedded:
         broker = BrokerInfo.load(cfg.paths.stack_file)
         if broker is not None and broker.is_running():
+            if broker.kind != cfg.kafka.broker:
+                raise StackError(
+                    f"a {BROKER_NAMES.get(broker.kind, broker.kind)} broker is already running for state directory "
+                    f"{cfg.paths.state_dir} (pid {broker.pid}) but kafka.broker is {cfg.kafka.broker}; run "
+                    "`plum stack down` first to switch brokers (or set kafka.broker back).")
             say(f"broker: reusing the embedded broker at {broker.bootstrap_servers} (pid {broker.pid})")
         else:
             broker = embedded_broker(cfg, port=port, say=say).start(detach=detach)

@@ -72,14 +72,13 @@ from ingest.replay import replay
 from ingest.training_log import read_training_log
 from ops.bench.ingest import OnlineObserver, _delays, warm_up
 from ops.bench.report import command_line, machine, update_benchmarks_table, write_result
-from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from ops.errors import PlumError
 from ops.ingest_jobs import run_pipeline
 from ops.live import LiveReplay, interleave_users
 from ops.processes import PlumProcess, StreamingPipeline, TrainerProcess, read_status, wait_for, write_config
-from ops.stack import up
+from ops.stack import embedded_broker, up
 from ops.tokenize_jobs import fit
 from ops.train_jobs import train_cpt
 from trainer.checkpoint import CheckpointError, read_manifest
@@ -367,7 +366,7 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
         "paths": cfg.paths.model_copy(update={"state_dir": str(state / "stack"), "model_base": ""}),
         "tokenizer": cfg.tokenizer.model_copy(update={"steps": fresh.sid_steps}),
         "trainer": fresh.trainer(cfg.trainer)})
-    broker = EmbeddedBroker(cfg.paths.state("logs", "broker.log"))
+    broker = embedded_broker(cfg, say=click.echo)
     processes: list[PlumProcess] = []  # stopped in this order: the trainer first
     threads: list[LiveReplay | TrainerObserver | OnlineObserver] = []
     started = time.monotonic()
@@ -441,6 +440,7 @@ def run(cfg: PlumConfig, fresh: FreshnessRun, output: str | None = None) -> dict
     report: dict[str, Any] = {
         "benchmark": "freshness",
         "command": fresh.command(),
+        "broker": cfg.kafka.broker,
         "machine": machine(),
         "settings": {**dataclasses.asdict(fresh), "trainer": cfg.trainer.model_dump(),
                      "online_poll_s": ONLINE_POLL_S, "model_dir_poll_s": TRAINER_POLL_S},
@@ -553,7 +553,8 @@ def readme_table(report: dict[str, Any]) -> str:
         f"{_shares(report['trainer_time_while_load_offered'])} |\n"
         f"| target: (b) at most {TARGET_VERSION_DELAY_S:.0f} s for every probe | "
         f"{'met' if report['target']['met'] else 'NOT met'} |\n"
-        f"\nMeasured {report['machine']['measured_at']} on {report['machine']['cpus']} CPUs (commit "
+        f"\nMeasured {report['machine']['measured_at']} on {report['machine']['cpus']} CPUs, embedded broker "
+        f"{report.get('broker', 'tansu')} (commit "
         f"{report['machine']['commit']}) with `{report['command']}`; every version and setting in "
         "ops/bench/results/freshness.json.\n"
     )

@@ -37,12 +37,11 @@ from ingest.pipeline import counters
 from ingest.producer import EventProducer, new_event
 from ingest.replay import replay
 from ops.bench.report import machine, update_benchmarks_table, write_result
-from ops.broker import EmbeddedBroker
 from ops.config import PlumConfig
 from ops.datasets import load_dataset
 from ops.ingest_jobs import run_pipeline
 from ops.processes import StreamingPipeline, write_config
-from ops.stack import up
+from ops.stack import embedded_broker, up
 
 PROBE_USERS = 400
 POLL_INTERVAL_S = 0.05
@@ -237,7 +236,7 @@ def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds:
     """Run every phase on a fresh embedded stack; write the JSON and the table in docs/benchmarks.md."""
     state = Path(tempfile.mkdtemp(prefix="plum-bench-"))
     cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"state_dir": str(state / "stack")})})
-    broker = EmbeddedBroker(cfg.paths.state("logs", "broker.log"))
+    broker = embedded_broker(cfg, say=click.echo)
     pipeline = None
     try:
         broker.start().save(cfg.paths.stack_file)
@@ -269,6 +268,7 @@ def run(cfg: PlumConfig, events: int = 100_000, rate: int = 2000, delay_seconds:
     report = {
         "benchmark": "ingest",
         "command": f"plum bench ingest --events {events} --rate {rate} --delay-seconds {delay_seconds}",
+        "broker": cfg.kafka.broker,
         "machine": machine(),
         "streaming": {**throughput, "pipeline_startup_s": round(startup, 1)},
         "baseline_raw_consume_records_per_s": round(raw, 1),
@@ -299,6 +299,7 @@ def readme_table(report: dict[str, Any]) -> str:
         f"{c['events_per_s']:,.0f} |\n"
         f"| send-to-online-feature delay p50 / p99 at {d['offered_rate']:,} events/s offered (s) | "
         f"{d['delay_p50_s']} / {d['delay_p99_s']} |\n"
-        f"\nMeasured {report['machine']['measured_at']} on {report['machine']['cpus']} CPUs (commit "
+        f"\nMeasured {report['machine']['measured_at']} on {report['machine']['cpus']} CPUs, embedded broker "
+        f"{report.get('broker', 'tansu')} (commit "
         f"{report['machine']['commit']}) with `{report['command']}`; raw figures in ops/bench/results/ingest.json.\n"
     )

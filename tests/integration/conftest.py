@@ -1,6 +1,6 @@
 """Fixtures that start real processes: the Tansu broker and Apache Kafka (stopped also on failure).
 
-`broker` is Tansu, the embedded default, unless a test is parametrized over both brokers
+`broker` is Apache Kafka, the embedded default, unless a test is parametrized over both brokers
 (tests.support.brokers.ON_BOTH_BROKERS)."""
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def apache_kafka_broker(tmp_path_factory):
 
 @pytest.fixture
 def broker(request):
-    """The session's Tansu broker; a test marked with tests.support.brokers.ON_BOTH_BROKERS runs once on
-    it and once on the session's Apache Kafka."""
-    kind = getattr(request, "param", "tansu")
+    """The session's Apache Kafka (the default broker); a test marked with
+    tests.support.brokers.ON_BOTH_BROKERS runs once on it and once on the session's Tansu."""
+    kind = getattr(request, "param", "apache-kafka")
     return request.getfixturevalue("tansu_broker" if kind == "tansu" else "apache_kafka_broker")
 
 

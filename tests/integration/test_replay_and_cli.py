@@ -75,25 +75,29 @@ def run_plum(args, state_dir, timeout=300, **settings):
 
 
 def test_stack_up_replay_pipeline_down_through_the_cli(tmp_path):
+    """The user's path on Tansu (kafka.broker tansu); Apache Kafka's is the next test."""
     state = tmp_path / "state"
+    tansu = {"PLUM_KAFKA__BROKER": "tansu"}
     try:
-        code, out = run_plum(["stack", "up"], state)
+        code, out = run_plum(["stack", "up"], state, **tansu)
         assert code == 0, out
         assert "plum.events (4 partitions)" in out
-        code, out = run_plum(["stack", "up"], state)  # idempotent: reuses the broker
+        code, out = run_plum(["stack", "up"], state, **tansu)  # idempotent: reuses the broker
         assert code == 0 and "reusing the embedded broker" in out, out
-        code, out = run_plum(["replay", "movielens-100k", "--limit", "1500"], state)
+        code, out = run_plum(["stack", "up"], state)  # the default broker is another kind: refused, not mixed
+        assert code == 4 and "a Tansu broker is already running" in out and "Traceback" not in out, out
+        code, out = run_plum(["replay", "movielens-100k", "--limit", "1500"], state, **tansu)
         assert code == 0, out
         assert "sent 1682 items and 1500 events" in out
-        code, out = run_plum(["pipeline", "--until-caught-up"], state)
+        code, out = run_plum(["pipeline", "--until-caught-up"], state, **tansu)
         assert code == 0, out
         assert "applied 1500 events" in out and "1682 item upserts" in out
-        code, out = run_plum(["replay", "movielens-100k", "--limit", "1500", "--speed", "0"], state)
+        code, out = run_plum(["replay", "movielens-100k", "--limit", "1500", "--speed", "0"], state, **tansu)
         assert code == 2 and "error: --speed must be a positive" in out
     finally:
-        code, out = run_plum(["stack", "down"], state)
+        code, out = run_plum(["stack", "down"], state, **tansu)
     assert code == 0 and "stopped Tansu pid" in out and "in-memory topics are gone" in out, out
-    code, out = run_plum(["pipeline", "--until-caught-up"], state)
+    code, out = run_plum(["pipeline", "--until-caught-up"], state, **tansu)
     assert code == 4 and "run `plum stack up`" in out and "Traceback" not in out
 
 

@@ -1,4 +1,4 @@
-"""Run an integration test on each embedded broker: Tansu (the default) and Apache Kafka."""
+"""Run an integration test on each embedded broker: Apache Kafka (the default) and Tansu."""
 
 from __future__ import annotations
 
