@@ -526,7 +526,7 @@ def bench_ingest(ctx: click.Context, events: int, rate: int, delay_seconds: int,
 
 
 @bench.command("broker")
-@click.option("--events", type=click.IntRange(min=1000), default=50_000, show_default=True,
+@click.option("--events", type=click.IntRange(min=1000), default=100_000, show_default=True,
               help="Events each candidate stores, reads back and must keep across restarts.")
 @click.option("--candidate", "candidates", multiple=True, type=click.Choice(("tansu-memory", "tansu-s3", "apache-kafka")),
               help="Measure only this candidate (repeatable).  [default: all three]")
