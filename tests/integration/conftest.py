@@ -39,7 +39,7 @@ def apache_kafka_broker(tmp_path_factory):
         kafka.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def broker(request):
     """The session's Apache Kafka (the default broker); a test marked with
     tests.support.brokers.ON_BOTH_BROKERS runs once on it and once on the session's Tansu."""

@@ -169,11 +169,13 @@ def test_a_new_broker_on_the_same_state_loses_nothing_replaces_nothing_and_its_e
     assert restored.poll() == 0 and restored.pending == stream.pending
 
 
-def test_stack_down_and_up_begins_a_new_log_epoch_and_the_pipeline_reads_the_new_broker(tmp_path):
+def test_stack_down_and_up_of_tansu_begins_a_new_log_epoch_and_the_pipeline_reads_the_new_broker(tmp_path):
+    """Tansu keeps its log in memory: `down` loses it, and the next `up` starts a new epoch. (Apache
+    Kafka, the default, keeps its log: tests/integration/test_replay_and_cli.py.)"""
     from ops.stack import down, up
 
     cfg = load_config(env={}, overrides={"paths": {"state_dir": str(tmp_path / "state")},
-                                         "kafka": {"events_partitions": 1}})
+                                         "kafka": {"events_partitions": 1, "broker": "tansu"}})
     said: list[str] = []
     try:
         resolved = up(cfg, say=said.append).config
