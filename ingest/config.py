@@ -60,6 +60,10 @@ class PipelineConfig(BaseModel):
 
     runner: str = "DirectRunner"
     consumer_group: str = "plum-pipeline"
+    # How often the read positions are committed to the consumer group (at most; and once more when
+    # the run ends). They are for standard tools only; the state store decides where reading resumes.
+    # 0 = after every batch (a commit is about 4 ms on Apache Kafka here, 1 ms on Tansu).
+    group_commit_interval_s: float = Field(1.0, ge=0)
     poll_max_records: int = Field(10000, ge=1)
     poll_timeout_ms: int = Field(50, ge=1)
     history_length: int = Field(50, ge=1)

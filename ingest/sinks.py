@@ -9,7 +9,9 @@ For each parsed batch, under one process-wide lock:
   3. publish: rename the staged files into place, push the changed entities' absolute
      feature values to the Feast online store, clear the pending entry;
   4. commit the partition's read position to the Kafka consumer group (so standard tools see
-     the lag; the state store, not Kafka, decides where reading resumes).
+     the lag; the state store, not Kafka, decides where reading resumes): at most every
+     `pipeline.group_commit_interval_s`, the newest position of each partition, and once more when
+     the run ends.
 A crash anywhere leaves either an uncommitted batch (its staged files are discarded and its
 records re-read) or a committed one whose publication `recover()` completes: no event is lost,
 none is applied twice. Every write is idempotent, so recovery may repeat any step. Staged files
@@ -30,6 +32,7 @@ another event for serving to see it. The pipeline picks up a registration withou
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ import apache_beam as beam
 import pandas as pd
 from apache_beam.metrics import Metrics
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from features import FeatureStoreClient
@@ -52,6 +56,8 @@ from ingest.kafka_clients import make_consumer, make_producer
 from ingest.parse import ParsedBatch, Reject
 from ingest.state_store import ItemMetadata, ItemStats, PipelineStateStore, UserContext, UserHistory
 from ingest.training_log import TrainingLogWriter
+
+log = logging.getLogger(__name__)
 
 VIEWS = ("user_history", "item_stats", "item_metadata")  # the views this pipeline writes (+ user_context)
 
@@ -166,6 +172,8 @@ class BatchApplier:
         self.features = FeatureStoreClient(Path(settings.feast_repo_dir), settings.feast, durable)
         self._producer: Any = None
         self._committer: Any = None
+        self._uncommitted: dict[TopicPartition, int] = {}  # partition -> read position not yet in the group
+        self._last_group_commit = 0.0
         self.progress = ProgressReporter(settings.progress_interval_s)
         self._filled = self.state.filled_context_features()
 
@@ -271,10 +279,19 @@ class BatchApplier:
         self.state.clear_pending(batch_id)
 
     def _commit_position(self, topic: str, partition: int) -> None:
+        self._uncommitted[TopicPartition(topic, partition)] = self.state.read_position(topic, partition)
+        if time.monotonic() - self._last_group_commit >= self.settings.pipeline.group_commit_interval_s:
+            self._commit_positions()
+
+    def _commit_positions(self) -> None:
+        """Commit every partition's newest read position to the consumer group in one request."""
+        if not self._uncommitted:
+            return
         if self._committer is None:
             self._committer = make_consumer(self.settings.kafka, group_id=self.settings.pipeline.consumer_group)
-        position = self.state.read_position(topic, partition)
-        self._committer.commit({TopicPartition(topic, partition): OffsetAndMetadata(position, "", -1)})
+        self._committer.commit({tp: OffsetAndMetadata(position, "", -1) for tp, position in self._uncommitted.items()})
+        self._uncommitted = {}
+        self._last_group_commit = time.monotonic()
 
     def recover(self) -> int:
         """Finish what a crash interrupted: publish committed batches, discard uncommitted ones."""
@@ -303,6 +320,12 @@ class BatchApplier:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=10)
+        with self.lock:
+            try:
+                self._commit_positions()
+            except KafkaError as exc:  # informational only: the state store holds the positions
+                log.warning("could not commit the last read positions to consumer group %s: %s",
+                            self.settings.pipeline.consumer_group, exc)
         if self._committer is not None:
             self._committer.close()
         self.state.close()

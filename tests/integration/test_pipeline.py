@@ -98,6 +98,16 @@ def test_replayed_movielens_slice_lands_user_by_user(plum_config):
     assert {u: int(offline.loc[u, "event_count"]) for u in users} == {u: expected[u][1] for u in users}
     pairs = PipelineStateStore(plum_config.paths.pipeline_state_db).cooccurrence()
     assert pairs and all(a < b and n >= 1 for a, b, n in pairs)
+    # Standard tools see where it is: the consumer group holds every partition's final read position
+    # (commits are throttled to one a second during the run, and the last one is made at its end).
+    positions = PipelineStateStore(plum_config.paths.pipeline_state_db).read_positions()
+    group = make_consumer(plum_config.kafka, group_id=plum_config.pipeline.consumer_group)
+    try:
+        for topic, partitions in ((plum_config.kafka.events_topic, 4), (plum_config.kafka.items_topic, 1)):
+            committed = {p: group.committed(TopicPartition(topic, p)) for p in range(partitions)}
+            assert committed == {p: positions[(topic, p)] for p in range(partitions)}, topic
+    finally:
+        group.close()
 
 
 @ON_BOTH_BROKERS
