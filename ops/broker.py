@@ -163,7 +163,6 @@ class EmbeddedBroker(_BrokerProcess):
         raise StackError(f"The Tansu broker did not accept connections within {READY_TIMEOUT_S:.0f} s; see {self.log_file}.")
 
 
-
 KAFKA_READY_TIMEOUT_S = 90.0
 KAFKA_STOP_TIMEOUT_S = 30.0
 JAVA_MIN_VERSION = 17
