@@ -17,12 +17,8 @@ from ops.config import PlumConfig, load_config
 @pytest.fixture(scope="session")
 def tansu_broker(tmp_path_factory):
     """One real Tansu broker for the session; each test uses its own topics."""
-    embedded = EmbeddedBroker(tmp_path_factory.mktemp("broker") / "broker.log")
-    info = embedded.start()
-    try:
+    with EmbeddedBroker(tmp_path_factory.mktemp("broker") / "broker.log") as info:
         yield info
-    finally:
-        embedded.stop()
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +27,8 @@ def apache_kafka_broker(tmp_path_factory):
     from ops.config import load_config
 
     folder = tmp_path_factory.mktemp("apache-kafka")
-    kafka = ApacheKafkaBroker(folder / "broker.log", folder / "data", Path(load_config(env={}).paths.cache_dir))
-    info = kafka.start()
-    try:
+    with ApacheKafkaBroker(folder / "broker.log", folder / "data", Path(load_config(env={}).paths.cache_dir)) as info:
         yield info
-    finally:
-        kafka.stop()
 
 
 @pytest.fixture(scope="session")
