@@ -68,6 +68,10 @@ class PipelineConfig(BaseModel):
     poll_timeout_ms: int = Field(50, ge=1)
     history_length: int = Field(50, ge=1)
     cooccurrence_window: int = Field(10, ge=1)
+    # An event id is remembered for this long (event time) behind its user's newest event. An event
+    # older than that can no longer be told from a duplicate: it goes to the dead-letter topic with
+    # that reason instead of being applied or dropped (ingest/folds.py).
+    dedup_retention_s: int = Field(7 * 86400, ge=1)
     max_payload_bytes: int = Field(65536, ge=256)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     # Prometheus metrics (ingest/metrics.py) on 127.0.0.1:<metrics_port>/metrics while `plum pipeline`

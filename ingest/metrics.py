@@ -3,6 +3,8 @@
   plum_pipeline_events_applied_total                   valid events applied (new after de-duplication)
   plum_pipeline_events_duplicate_total                 events dropped because their event_id was applied before
   plum_pipeline_records_rejected_total                 records sent to the dead-letter topic (parse/validation)
+  plum_pipeline_events_expired_total                   events sent to the dead-letter topic (older than the
+                                                       de-duplication retention)
   plum_pipeline_items_upserted_total                   item upserts applied
   plum_pipeline_consumer_lag_records{topic,partition}  end offset of the partition minus the applied read position
   plum_pipeline_records_per_second                     records processed per second over the last sampling interval
@@ -40,6 +42,7 @@ TOTALS = {
     "events_applied": "Valid events applied (new after de-duplication by event_id).",
     "events_duplicate": "Events dropped because their event_id had been applied before.",
     "records_rejected": "Records sent to the dead-letter topic (failed parsing or validation).",
+    "events_expired": "Events sent to the dead-letter topic: older than the de-duplication retention.",
     "items_upserted": "Item upserts applied to the catalogue.",
 }
 

@@ -52,6 +52,7 @@ class PipelineResult:
     events_duplicate: int
     items_upserted: int
     records_rejected: int
+    events_expired: int
     seconds: float
 
     @property
@@ -195,7 +196,7 @@ def _run(settings: SinkSettings, until_caught_up: bool, extra_args: list[str] | 
         return after.get(name, 0) - before.get(name, 0)
 
     return PipelineResult(delta("events_applied"), delta("events_duplicate"), delta("items_upserted"),
-                          delta("records_rejected"), seconds)
+                          delta("records_rejected"), delta("events_expired"), seconds)
 
 
 def counters(state_db: Path) -> dict[str, Any]:

@@ -54,12 +54,15 @@ from ingest.config import KafkaConfig, PipelineConfig
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.kafka_clients import make_consumer, make_producer
 from ingest.parse import ParsedBatch, Reject
-from ingest.state_store import ItemMetadata, ItemStats, PipelineStateStore, UserContext, UserHistory
+from ingest.folds import ItemMetadata, ItemStats, UserContext, UserFoldSettings, UserHistory
+from ingest.state_store import PipelineStateStore
 from ingest.training_log import TrainingLogWriter
 
 log = logging.getLogger(__name__)
 
 VIEWS = ("user_history", "item_stats", "item_metadata")  # the views this pipeline writes (+ user_context)
+EXPIRED_REASON = ("older than the de-duplication retention (pipeline.dedup_retention_s) behind the user's newest "
+                  "event: cannot be told from a duplicate, so not applied")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class ProgressReporter:
         self.interval = interval
         self.last = time.monotonic()
         self.last_events = 0
-        self.totals = {"events": 0, "duplicates": 0, "items": 0, "rejected": 0}
+        self.totals = {"events": 0, "duplicates": 0, "items": 0, "rejected": 0, "expired": 0}
 
     def add(self, counts: dict[str, int]) -> None:
         for key in self.totals:
@@ -95,7 +98,7 @@ class ProgressReporter:
             rate = (t["events"] - self.last_events) / (now - self.last)
             self.last, self.last_events = now, t["events"]
             print(f"pipeline: {t['events']:,} events applied ({rate:,.1f}/s lately), {t['duplicates']:,} duplicates, "
-                  f"{t['items']:,} item upserts, {t['rejected']:,} to the DLQ", flush=True)
+                  f"{t['items']:,} item upserts, {t['rejected'] + t['expired']:,} to the DLQ", flush=True)
 
 
 def user_history_frame(users: list[UserHistory]) -> pd.DataFrame:
@@ -153,6 +156,12 @@ def item_metadata_frame(items: list[ItemMetadata]) -> pd.DataFrame:
     })
 
 
+def expired_rejects(batch: ParsedBatch, expired: list[EngagementEvent], offset_of: dict[str, int]) -> list[Reject]:
+    """Dead letters for events older than the de-duplication retention (the event re-encoded as JSON)."""
+    return [Reject(batch.topic, batch.partition, offset_of[e.event_id], e.user_id.encode(),
+                   e.model_dump_json().encode(), EXPIRED_REASON) for e in expired]
+
+
 def batch_id_of(batch: ParsedBatch) -> str:
     """The batch's name in file names: partition, log epoch and offset range (unique across epochs)."""
     return (f"{batch.topic}-{batch.partition}-e{batch.epoch:06d}-{batch.start_offset:020d}-"
@@ -166,8 +175,7 @@ class BatchApplier:
         self.settings = settings
         self.lock = threading.Lock()
         durable = settings.pipeline.durable
-        self.state = PipelineStateStore(Path(settings.state_db), settings.pipeline.history_length,
-                                        settings.pipeline.cooccurrence_window, durable)
+        self.state = PipelineStateStore(Path(settings.state_db), UserFoldSettings.of(settings.pipeline), durable)
         self.training_log = TrainingLogWriter(Path(settings.training_log_dir), durable)
         self.features = FeatureStoreClient(Path(settings.feast_repo_dir), settings.feast, durable)
         self._producer: Any = None
@@ -200,14 +208,16 @@ class BatchApplier:
         """Apply one batch to all sinks; returns counts of what it did."""
         with self.lock:
             specs = self._context_features()
-            self._send_rejects(batch.rejects)
             batch_id = batch_id_of(batch)
             events = [r for r in batch.records if isinstance(r, EngagementEvent)]
             upserts = [r for r in batch.records if isinstance(r, ItemUpsert)]
             offset_of = {r.event_id: o for r, o in zip(batch.records, batch.offsets) if isinstance(r, EngagementEvent)}
             self.state.begin()
             try:
-                changes = self.state.apply_events(events, self.settings.pipeline.reward)
+                changes = self.state.apply_events(events)
+                # Before the commit: a crash after it must not lose a dead letter (a crash before
+                # it re-reads the batch and may send one twice).
+                self._send_rejects(batch.rejects + expired_rejects(batch, changes.expired, offset_of))
                 metadata = self.state.apply_items(upserts, int(time.time())) if upserts else []
                 self.training_log.stage(batch_id, changes.new_events, changes.rewards, batch.partition,
                                         [offset_of[e.event_id] for e in changes.new_events], batch.epoch)
@@ -228,7 +238,7 @@ class BatchApplier:
             self._publish(batch_id, frames)
             self._commit_position(batch.topic, batch.partition)
             counts = {"events": len(changes.new_events), "duplicates": changes.duplicates,
-                      "items": len(upserts), "rejected": len(batch.rejects)}
+                      "items": len(upserts), "rejected": len(batch.rejects), "expired": len(changes.expired)}
             self.progress.add(counts)
             return counts
 
@@ -370,5 +380,5 @@ class ApplyBatches(beam.DoFn):
         self.events.inc(counts["events"])
         self.duplicates.inc(counts["duplicates"])
         self.items.inc(counts["items"])
-        self.dlq.inc(counts["rejected"])
+        self.dlq.inc(counts["rejected"] + counts["expired"])
         yield {"topic": batch.topic, "partition": batch.partition, "next_offset": batch.next_offset, **counts}

@@ -1,12 +1,14 @@
-"""The pipeline's durable state: de-duplication, per-user history, per-user latest context values,
-per-item stats, co-occurrence counts, item metadata, read positions and batches awaiting
-publication, in one SQLite file.
+"""The durable embedded state backend: the pipeline's per-user state (history, latest context values,
+event ids within the de-duplication retention), per-item stats, co-occurrence counts, item
+metadata, read positions and batches awaiting publication, in one SQLite file.
 
-Everything a batch changes is committed in one transaction together with the offsets it came
-from, so after a crash the pipeline resumes exactly where its state is, and an event id seen
-once is never applied again (events delivered twice count once). Commits are durable against an
-OS crash or a power loss (synchronous=FULL: the WAL is fsynced at every commit); `durable=False`
-(synchronous=NORMAL) exists only to measure what that costs.
+What the state becomes is decided by the pure folds of ingest/folds.py, the same ones the Beam
+keyed-state transforms call; this module only decides where the state lives when the runner (the
+DirectRunner) keeps none of its own. Everything a batch changes is committed in one transaction
+together with the offsets it came from, so after a crash the pipeline resumes exactly where its
+state is, and an event id seen within the retention is never applied again. Commits are durable
+against an OS crash or a power loss (synchronous=FULL: the WAL is fsynced at every commit);
+`durable=False` (synchronous=NORMAL) exists only to measure what that costs.
 
 A read position belongs to a log epoch: the incarnation of the partition's log its offsets count
 in (ingest/epochs.py tells when a broker's log restarted at offset 0). A new epoch restarts the
@@ -22,13 +24,17 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
-from ingest.config import RewardConfig
-from ingest.events import EngagementEvent, EventType, ItemUpsert
+from ingest.events import EngagementEvent, ItemUpsert
+from ingest.folds import (ItemMetadata, ItemStats, UserContext, UserFoldSettings, UserHistory, UserState, fold_user,
+                          item_contributions, merge_into, restate_context)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen_event_ids (
+    user_id TEXT NOT NULL, event_id TEXT NOT NULL, event_time INTEGER NOT NULL,
+    PRIMARY KEY (user_id, event_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_event_ids_by_time ON seen_event_ids (user_id, event_time);
 CREATE TABLE IF NOT EXISTS user_history (
     user_id TEXT PRIMARY KEY, item_ids TEXT NOT NULL, rewards TEXT NOT NULL, times TEXT NOT NULL,
     event_count INTEGER NOT NULL, last_event_time INTEGER NOT NULL) WITHOUT ROWID;
@@ -89,65 +95,13 @@ class ReadPosition:
 
 
 @dataclass
-class UserHistory:
-    """The last `history_length` engagements of a user, oldest first."""
-
-    user_id: str
-    item_ids: list[str]
-    rewards: list[float]
-    times: list[int]
-    event_count: int
-    last_event_time: int
-
-
-@dataclass
-class ItemStats:
-    item_id: str
-    impressions: int
-    clicks: int
-    event_count: int
-    reward_sum: float
-    last_event_time: int
-
-    @property
-    def mean_reward(self) -> float:
-        return self.reward_sum / self.event_count if self.event_count else 0.0
-
-
-@dataclass
-class UserContext:
-    """A user's latest value of every context key its events carried: {name: (value, event time)}.
-    Every key is kept, registered or not, so a feature registered later starts from what is known."""
-
-    user_id: str
-    values: dict[str, tuple[Any, int]]
-    last_event_time: int
-    # The timestamp (unix microseconds) of the user's newest user_context row: the last event time,
-    # or a microsecond after the previous row when a row restates values at the same instant (the
-    # fill of a newly registered feature), so a user's rows never share a timestamp.
-    written_us: int = 0
-
-    def latest(self) -> dict[str, Any]:
-        return {name: value for name, (value, _) in self.values.items()}
-
-
-@dataclass
-class ItemMetadata:
-    item_id: str
-    title: str
-    tags: list[str]
-    published_at: int | None
-    description: str | None
-    updated_at: int
-
-
-@dataclass
 class BatchChanges:
     """What one applied batch changed: the entities whose features must be pushed."""
 
     new_events: list[EngagementEvent]
     rewards: list[float]
     duplicates: int
+    expired: list[EngagementEvent]  # older than the de-duplication retention: for the dead-letter topic
     users: list[UserHistory]
     items: list[ItemStats]
     metadata: list[ItemMetadata]
@@ -157,12 +111,10 @@ class BatchChanges:
 class PipelineStateStore:
     """One SQLite database; callers serialise batches (one writer at a time)."""
 
-    def __init__(self, path: Path, history_length: int = 50, cooccurrence_window: int = 10,
-                 durable: bool = True) -> None:
+    def __init__(self, path: Path, folding: UserFoldSettings | None = None, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.history_length = history_length
-        self.cooccurrence_window = cooccurrence_window
+        self.folding = folding
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL only syncs the WAL at checkpoints: a power loss may undo the last commits, after
@@ -174,6 +126,10 @@ class PipelineStateStore:
             for name, declaration in columns.items():
                 if name not in present:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        # Ids a store written before per-user retention remembered (no user, no time): still
+        # duplicates, never pruned, no longer added to.
+        self._legacy_seen = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='seen_events'").fetchone() is not None
 
     def close(self) -> None:
         self.db.close()
@@ -259,16 +215,6 @@ class PipelineStateStore:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
-    def _new_events(self, events: list[EngagementEvent]) -> list[EngagementEvent]:
-        unique: dict[str, EngagementEvent] = {}
-        for event in events:
-            unique.setdefault(event.event_id, event)
-        ids = list(unique)
-        seen = {row[0] for row in self._rows_in("seen_events", "event_id", ids)}
-        fresh = [unique[i] for i in ids if i not in seen]
-        self.db.executemany("INSERT INTO seen_events VALUES (?)", ((e.event_id,) for e in fresh))
-        return fresh
-
     def _rows_in(self, table: str, key: str, ids: Iterable[str]) -> Iterator[tuple]:
         for chunk in _chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
@@ -317,25 +263,6 @@ class PipelineStateStore:
     def mark_context_features_filled(self, names: Iterable[str]) -> None:
         self.db.executemany("INSERT OR IGNORE INTO context_features_filled VALUES (?)", ((n,) for n in names))
 
-    def _fold_contexts(self, events: list[EngagementEvent], times: list[int]) -> list[UserContext]:
-        """Fold the events' context values into their users' latest values (events in time order)."""
-        carrying = [(e, t) for e, t in zip(events, times) if e.context]
-        if not carrying:
-            return []
-        contexts = self.load_contexts({e.user_id for e, _ in carrying})
-        changed: dict[str, UserContext] = {}
-        for event, at in carrying:
-            context = changed.get(event.user_id) or contexts.get(event.user_id) or UserContext(event.user_id, {}, 0)
-            for name, value in event.context.items():
-                if name not in context.values or context.values[name][1] <= at:
-                    context.values[name] = (value, at)
-            context.last_event_time = max(context.last_event_time, at)
-            changed[event.user_id] = context
-        for context in changed.values():
-            context.written_us = max(context.last_event_time * 1_000_000, context.written_us + 1)
-        self._save_contexts(list(changed.values()))
-        return list(changed.values())
-
     def _save_contexts(self, contexts: list[UserContext]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO user_context VALUES (?,?,?,?)",
                             ((c.user_id, json.dumps(c.values, sort_keys=True), c.last_event_time, c.written_us)
@@ -343,10 +270,9 @@ class PipelineStateStore:
 
     def restate_contexts(self, contexts: list[UserContext]) -> list[UserContext]:
         """The same values with a timestamp one microsecond after each user's newest row (saved)."""
-        for context in contexts:
-            context.written_us += 1
-        self._save_contexts(contexts)
-        return contexts
+        restated = [restate_context(c) for c in contexts]
+        self._save_contexts(restated)
+        return restated
 
     def load_items(self, item_ids: Iterable[str]) -> dict[str, ItemStats]:
         return {row[0]: ItemStats(*row) for row in self._rows_in("item_stats", "item_id", item_ids)}
@@ -357,68 +283,77 @@ class PipelineStateStore:
             for iid, title, tags, published, description, updated in self._rows_in("item_metadata", "item_id", item_ids)
         }
 
-    def apply_events(self, events: list[EngagementEvent], reward: RewardConfig) -> BatchChanges:
-        """De-duplicate, then fold the new events into histories, stats and co-occurrences."""
-        fresh = self._new_events(events)
-        duplicates = len(events) - len(fresh)
-        # (time, item) order makes a history a function of the event set, whatever the batching.
-        fresh.sort(key=lambda e: (e.event_time, e.item_id, e.event_id))
-        rewards = [e.reward(reward) for e in fresh]
-        times = [int(e.event_time.timestamp()) for e in fresh]
-        item_ids = [e.item_id for e in fresh]
-        by_user: dict[str, list[int]] = defaultdict(list)
-        for i, event in enumerate(fresh):
-            by_user[event.user_id].append(i)
+    def _seen(self, events: list[EngagementEvent]) -> dict[str, dict[str, int]]:
+        """Per user, which of these events' ids it has seen within the retention (id -> event time)."""
+        seen: dict[str, dict[str, int]] = defaultdict(dict)
+        pairs = sorted({(e.user_id, e.event_id) for e in events})
+        for i in range(0, len(pairs), _CHUNK // 2):
+            chunk = pairs[i:i + _CHUNK // 2]
+            marks = ",".join("(?,?)" for _ in chunk)
+            for user, event_id, at in self.db.execute(
+                    f"SELECT user_id, event_id, event_time FROM seen_event_ids WHERE (user_id, event_id) IN "
+                    f"(VALUES {marks})", [v for pair in chunk for v in pair]):
+                seen[user][event_id] = at
+        if self._legacy_seen:
+            legacy = {row[0] for row in self._rows_in("seen_events", "event_id", {e.event_id for e in events})}
+            for event in events:
+                if event.event_id in legacy:
+                    seen[event.user_id].setdefault(event.event_id, 2**62)  # never below a retention horizon
+        return seen
+
+    def apply_events(self, events: list[EngagementEvent]) -> BatchChanges:
+        """Fold the events into their users' state (ingest/folds.py: de-duplication, history,
+        context, pairs), then merge the new events into item stats and co-occurrence counts."""
+        if self.folding is None:
+            raise ValueError("this state store was opened without fold settings; it can only be read")
+        by_user: dict[str, list[EngagementEvent]] = defaultdict(list)
+        for event in events:
+            by_user[event.user_id].append(event)
         users = self.load_users(by_user)
-        items = self.load_items(set(item_ids))
-        pairs: Counter[tuple[str, str]] = Counter()
-        window = self.cooccurrence_window
-        for uid, indices in by_user.items():
-            history = users.get(uid) or UserHistory(uid, [], [], [], 0, 0)
-            recent = list(history.item_ids)
-            entries = list(zip(history.times, history.item_ids, history.rewards))
-            for i in indices:
-                item = item_ids[i]
-                pairs.update((other, item) if other < item else (item, other)
-                             for other in set(recent[-window:]) if other != item)
-                recent.append(item)
-                entries.append((times[i], item, rewards[i]))
-            entries.sort(key=lambda entry: (entry[0], entry[1]))
-            entries = entries[-self.history_length:]
-            users[uid] = UserHistory(
-                uid, [e[1] for e in entries], [e[2] for e in entries], [e[0] for e in entries],
-                history.event_count + len(indices), max(history.last_event_time, entries[-1][0]),
-            )
-        for i, event in enumerate(fresh):
-            stats = items.get(item_ids[i])
-            if stats is None:
-                stats = items[item_ids[i]] = ItemStats(item_ids[i], 0, 0, 0, 0.0, 0)
-            stats.impressions += event.event_type is EventType.IMPRESSION
-            stats.clicks += event.event_type is EventType.CLICK
-            stats.event_count += 1
-            stats.reward_sum += rewards[i]
-            if times[i] > stats.last_event_time:
-                stats.last_event_time = times[i]
-        changed_users = [users[u] for u in by_user]
+        contexts = self.load_contexts(by_user)
+        seen = self._seen(events)
+        folds = {uid: fold_user(UserState(users.get(uid) or UserHistory(uid, [], [], [], 0, 0), contexts.get(uid),
+                                          seen.get(uid, {})), user_events, self.folding)
+                 for uid, user_events in by_user.items()}
+        changed = [f for f in folds.values() if f.new_events]
+        new = sorted(((e, r, t) for f in changed for e, r, t in zip(f.new_events, f.rewards, f.times)),
+                     key=lambda row: (row[0].event_time, row[0].item_id, row[0].event_id))
+        new_events, rewards, times = [r[0] for r in new], [r[1] for r in new], [r[2] for r in new]
+        self.db.executemany(
+            "INSERT OR REPLACE INTO seen_event_ids VALUES (?,?,?)",
+            ((f.state.history.user_id, i, t) for f in changed for i, t in f.seen_added.items()))
+        self.db.executemany("DELETE FROM seen_event_ids WHERE user_id=? AND event_time<?",
+                            ((f.state.history.user_id, f.retain_from) for f in changed))
+        histories = [f.state.history for f in changed]
         self.db.executemany(
             "INSERT OR REPLACE INTO user_history VALUES (?,?,?,?,?,?)",
             ((u.user_id, json.dumps(u.item_ids), json.dumps(u.rewards), json.dumps(u.times), u.event_count,
-              u.last_event_time) for u in changed_users),
+              u.last_event_time) for u in histories),
         )
+        parts = item_contributions(new_events, rewards, times)
+        items = merge_into(self.load_items(parts), parts)
         self.db.executemany(
             "INSERT OR REPLACE INTO item_stats VALUES (?,?,?,?,?,?)",
             ((s.item_id, s.impressions, s.clicks, s.event_count, s.reward_sum, s.last_event_time) for s in items.values()),
         )
+        pairs: Counter[tuple[str, str]] = Counter()
+        for fold in changed:
+            pairs.update(fold.pairs)
         index = self._item_index({item for pair in pairs for item in pair})
         # Integer keys: the pair table takes most of the writes, and integer B-tree keys are cheaper.
         self.db.executemany(
             "INSERT INTO cooccurrence VALUES (?,?,?) ON CONFLICT(item_a, item_b) DO UPDATE SET count = count + excluded.count",
             ((index[a], index[b], n) for (a, b), n in pairs.items()),
         )
-        contexts = self._fold_contexts(fresh, times)
-        self._bump("events_applied", len(fresh))
+        contexts_changed = [f.state.context for f in changed if f.context_changed]
+        self._save_contexts(contexts_changed)
+        duplicates = sum(f.duplicates for f in folds.values())
+        expired = [e for f in folds.values() for e in f.expired]
+        self._bump("events_applied", len(new_events))
         self._bump("events_duplicate", duplicates)
-        return BatchChanges(fresh, rewards, duplicates, changed_users, list(items.values()), [], contexts)
+        self._bump("events_expired", len(expired))
+        return BatchChanges(new_events, rewards, duplicates, expired, histories, list(items.values()), [],
+                            contexts_changed)
 
     def apply_items(self, upserts: list[ItemUpsert], updated_at: int) -> list[ItemMetadata]:
         """Item upserts replace the item's metadata; the last upsert of a batch wins."""

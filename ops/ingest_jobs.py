@@ -85,8 +85,8 @@ def run_pipeline(cfg: PlumConfig, until_caught_up: bool, runner: str | None = No
         raise SystemExit(130) from None
     if not quiet:
         click.echo(f"pipeline: applied {result.events_applied} events ({result.events_duplicate} duplicates "
-                   f"ignored), {result.items_upserted} item upserts, {result.records_rejected} records to the "
-                   f"DLQ in {result.seconds:.1f} s ({result.events_per_second:,.0f} events/s)")
+                   f"ignored), {result.items_upserted} item upserts, {result.records_rejected + result.events_expired} "
+                   f"records to the DLQ ({result.events_expired} older than the de-duplication retention) in {result.seconds:.1f} s ({result.events_per_second:,.0f} events/s)")
     return result
 
 

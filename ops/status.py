@@ -431,7 +431,8 @@ def _lines_pipeline(s: dict[str, Any]) -> Iterable[str]:
         return
     t = s["totals"]
     yield (f"           {_n(t['events_applied'])} events applied, {_n(t['events_duplicate'])} duplicates, "
-           f"{_n(t['items_upserted'])} item upserts, {_n(t['records_rejected'])} rejected to the DLQ")
+           f"{_n(t['items_upserted'])} item upserts, {_n(t['records_rejected'])} rejected to the DLQ, "
+           f"{_n(t.get('events_expired', 0))} expired to the DLQ")
     rate = _n(s["records_per_second"], 1) + " records/s" if s["records_per_second"] is not None else \
         f"throughput {s.get('throughput_detail', 'n/a')}"
     yield f"           {rate}; last flush {s['last_flush'] or 'never'}"

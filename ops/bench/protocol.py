@@ -45,18 +45,20 @@ class ProtocolData:
 def cooccurrences(events: Iterable[EngagementEvent], window: int) -> list[tuple[str, str, int]]:
     """The pipeline state store's co-occurrence counts for these events (in event-time order)."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = PipelineStateStore(Path(tmp) / "state.db", cooccurrence_window=window)
+        # Every event counts, however late: a data set is not a stream that can deliver duplicates late.
+        folding = UserFoldSettings(RewardConfig(), cooccurrence_window=window, retention_s=2**40)
+        store = PipelineStateStore(Path(tmp) / "state.db", folding)
         batch: list = []
         for event in events:
             batch.append(event)
             if len(batch) == 10_000:
                 store.begin()
-                store.apply_events(batch, RewardConfig())
+                store.apply_events(batch)
                 store.commit()
                 batch = []
         if batch:
             store.begin()
-            store.apply_events(batch, RewardConfig())
+            store.apply_events(batch)
             store.commit()
         pairs = store.cooccurrence()
         store.close()

@@ -153,20 +153,47 @@ def test_bad_records_land_in_the_dlq_with_reasons_and_no_valid_event_is_lost(plu
                 producer.send_raw(plum_config.kafka.events_topic, event.user_id.encode(), value)
     result = run_pipeline(plum_config, until_caught_up=True, quiet=True)
     assert result.records_rejected == len(BAD)
-    consumer = make_consumer(plum_config.kafka)
-    tp = TopicPartition(plum_config.kafka.dlq_topic, 0)
-    consumer.assign([tp])
-    dead = []
-    deadline = time.monotonic() + 10
-    while len(dead) < len(BAD) and time.monotonic() < deadline:
-        dead.extend(consumer.poll(timeout_ms=300).get(tp, []))
-    consumer.close()
+    dead = _dlq_records(plum_config, len(BAD))
     by_value = {r.value: dict(r.headers) for r in dead}
     for name, (value, reason) in BAD.items():
         assert value in by_value, f"{name} record missing from the DLQ (original bytes must be kept)"
         assert reason in by_value[value]["plum.dlq.reason"].decode(), name
         assert by_value[value]["plum.source.topic"].decode() == plum_config.kafka.events_topic
     assert_landed_exactly_once(plum_config, store, events)
+
+
+@ON_BOTH_BROKERS
+def test_an_event_older_than_the_dedup_retention_goes_to_the_dlq_and_is_not_applied(plum_config):
+    cfg = plum_config.model_copy(update={"pipeline": plum_config.pipeline.model_copy(
+        update={"dedup_retention_s": 3600})})
+    store = prepare(cfg)
+    events = synthetic_events(200)  # 200 minutes, 40 users: each user's newest event is past T0 + 2 h
+    with EventProducer(cfg.kafka) as producer:
+        for event in events:
+            producer.send_event(event)
+    run_pipeline(cfg, until_caught_up=True, quiet=True)
+    late = new_event("t", user_id="u0", item_id="i-late", event_type="click", event_time=T0)
+    with EventProducer(cfg.kafka) as producer:
+        producer.send_event(late)
+        producer.send_event(events[0])  # a duplicate 3 h behind: older than the retention too
+    result = run_pipeline(cfg, until_caught_up=True, quiet=True)
+    assert (result.events_applied, result.events_expired, result.records_rejected) == (0, 2, 0)
+    dead = _dlq_records(cfg, 2)
+    assert {EngagementEvent.model_validate_json(r.value).event_id for r in dead} == {late.event_id, events[0].event_id}
+    assert all("de-duplication retention" in dict(r.headers)["plum.dlq.reason"].decode() for r in dead)
+    assert_landed_exactly_once(cfg, store, events)
+
+
+def _dlq_records(cfg: PlumConfig, expected: int) -> list:
+    consumer = make_consumer(cfg.kafka)
+    tp = TopicPartition(cfg.kafka.dlq_topic, 0)
+    consumer.assign([tp])
+    dead: list = []
+    deadline = time.monotonic() + 10
+    while len(dead) < expected and time.monotonic() < deadline:
+        dead.extend(consumer.poll(timeout_ms=300).get(tp, []))
+    consumer.close()
+    return dead
 
 
 def _pipeline_process(cfg: PlumConfig, log: Path) -> subprocess.Popen:

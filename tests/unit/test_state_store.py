@@ -3,6 +3,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from ingest.config import RewardConfig
+from ingest.folds import UserFoldSettings
 from ingest.producer import new_event
 from ingest.state_store import PipelineStateStore, ReadPosition
 
@@ -17,14 +18,14 @@ def ev(user, item, minutes, kind="click"):
 
 @pytest.fixture
 def store(tmp_path):
-    s = PipelineStateStore(tmp_path / "state.db", history_length=3, cooccurrence_window=2)
+    s = PipelineStateStore(tmp_path / "state.db", UserFoldSettings(RewardConfig(), history_length=3, cooccurrence_window=2))
     yield s
     s.close()
 
 
 def apply(store, events):
     store.begin()
-    changes = store.apply_events(events, RewardConfig())
+    changes = store.apply_events(events)
     store.commit()
     return changes
 
@@ -72,7 +73,7 @@ def test_read_position_moves_only_over_a_gap_free_prefix(store):
 
 def test_rollback_leaves_no_trace(store):
     store.begin()
-    store.apply_events([ev("u1", "a", 1)], RewardConfig())
+    store.apply_events([ev("u1", "a", 1)])
     store.rollback()
     assert store.load_users(["u1"]) == {}
     assert len(apply(store, [ev("u1", "a", 1)]).new_events) == 1
@@ -185,3 +186,18 @@ def test_commits_are_synced_to_disk_unless_durability_is_off(tmp_path):
     finally:
         durable.close()
         fast.close()
+
+
+def test_the_seen_ids_stay_within_the_retention_and_an_older_event_comes_back_expired(tmp_path):
+    folding = UserFoldSettings(RewardConfig(), retention_s=3600)
+    store = PipelineStateStore(tmp_path / "state.db", folding)
+    first = ev("u1", "a", 0)
+    apply(store, [first, ev("u2", "a", 0)])
+    apply(store, [ev("u1", "b", 120)])  # two hours on: u1 forgets the first id, u2 keeps its own
+    rows = dict(store.db.execute("SELECT user_id, COUNT(*) FROM seen_event_ids GROUP BY user_id"))
+    assert rows == {"u1": 1, "u2": 1}
+    again = apply(store, [first])
+    assert again.expired == [first] and again.new_events == [] and again.duplicates == 0
+    assert store.counters()["events_expired"] == 1
+    assert store.load_users(["u1"])["u1"].event_count == 2
+    store.close()

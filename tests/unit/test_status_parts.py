@@ -89,12 +89,13 @@ def test_pipeline_metrics_are_exposed_under_their_documented_names(tmp_path):
     metrics = PipelineMetrics(KafkaConfig(), tmp_path / "state.db")
     assert generate_latest(metrics.registry) == b""  # nothing before the first sample
     metrics.latest = PipelineSample(1000.0, {"events_applied": 7, "events_duplicate": 1, "records_rejected": 2,
-                                             "items_upserted": 3}, 990.0, {("ev", 0): 4, ("ev", 1): 9},
+                                             "events_expired": 5, "items_upserted": 3}, 990.0, {("ev", 0): 4, ("ev", 1): 9},
                                     {("ev", 0): 6, ("ev", 1): 9}, 12.5)
     samples = parse_metrics(generate_latest(metrics.registry).decode())
     assert samples == {
         ("plum_pipeline_events_applied_total", ()): 7.0, ("plum_pipeline_events_duplicate_total", ()): 1.0,
         ("plum_pipeline_records_rejected_total", ()): 2.0, ("plum_pipeline_items_upserted_total", ()): 3.0,
+        ("plum_pipeline_events_expired_total", ()): 5.0,
         ("plum_pipeline_broker_reachable", ()): 1.0,
         ("plum_pipeline_consumer_lag_records", (("partition", "0"), ("topic", "ev"))): 2.0,
         ("plum_pipeline_consumer_lag_records", (("partition", "1"), ("topic", "ev"))): 0.0,
