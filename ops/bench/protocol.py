@@ -18,6 +18,7 @@ import pandas as pd
 from ingest.config import RewardConfig
 from ingest.datasets import Dataset, to_events
 from ingest.events import EngagementEvent
+from ingest.folds import UserFoldSettings
 from ingest.state_store import PipelineStateStore
 from ops.config import PlumConfig
 from ops.datasets import load_dataset

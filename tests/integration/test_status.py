@@ -174,7 +174,7 @@ def test_status_json_reports_exact_pipeline_totals_dlq_and_zero_lag_after_catch_
     pipeline = status["pipeline"]
     assert pipeline["running"] is True and pipeline["pid"] == world.pipeline.pid
     assert pipeline["totals"] == {"events_applied": 5, "events_duplicate": 1, "records_rejected": 1,
-                                  "items_upserted": 2}
+                                  "events_expired": 0, "items_upserted": 2}
     every = {(t, p) for t in (cfg.kafka.events_topic, cfg.kafka.items_topic)
              for p in range(4 if t == cfg.kafka.events_topic else 1)}
     assert {(r["topic"], r["partition"]) for r in pipeline["lag"]} == every
