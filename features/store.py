@@ -290,9 +290,13 @@ class FeatureStoreClient:
             return schema.empty_table().select(columns or schema.names)
         return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
 
+    def offline_rows(self, view: str) -> pd.DataFrame:
+        """Every published row of a view, from its offline files."""
+        return self._offline_table(view).to_pandas()
+
     def latest_offline(self, view: str) -> pd.DataFrame:
         """The newest published row of every entity of a view, from its offline files."""
-        frame = self._offline_table(view).to_pandas().sort_values(TIMESTAMP, kind="stable")
+        frame = self.offline_rows(view).sort_values(TIMESTAMP, kind="stable")
         return frame.drop_duplicates(ENTITY_KEY[view], keep="last").reset_index(drop=True)
 
     def historical_features(self, entity_df: pd.DataFrame, features: list[str],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from ingest.config import PipelineConfig, RewardConfig
-from ingest.events import EngagementEvent, EventType
+from ingest.events import EngagementEvent, EventType, ItemUpsert
 
 
 @dataclass
@@ -212,3 +212,11 @@ def merge_item_stats(a: ItemStats, b: ItemStats) -> ItemStats:
 def merge_into(stats: Mapping[str, ItemStats], parts: Mapping[str, ItemStats]) -> dict[str, ItemStats]:
     """The running stats of every item in `parts` after merging them in."""
     return {item: merge_item_stats(stats[item], part) if item in stats else part for item, part in parts.items()}
+
+
+def item_metadata(upserts: list[ItemUpsert], updated_at: list[int]) -> list[ItemMetadata]:
+    """The metadata the upserts leave, the last upsert of an item winning (`updated_at`: unix seconds
+    of each upsert)."""
+    latest = {u.item_id: (u, at) for u, at in zip(upserts, updated_at)}
+    return [ItemMetadata(u.item_id, u.title, list(u.tags), int(u.published_at.timestamp()) if u.published_at else None,
+                         u.description, at) for u, at in latest.values()]

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import WalltimeWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration
 from kafka import TopicPartition
@@ -92,12 +93,24 @@ class BatchCoder(beam.coders.Coder):
 beam.coders.registry.register_coder(RecordBatch, BatchCoder)
 
 
+class PartitionTracker(OffsetRestrictionTracker):
+    """An offset tracker that the runner may checkpoint (split at the current position) but never
+    split further ahead: a partition's offsets mean nothing until read, so a split at a fraction of
+    [position, end of time) would start a second reader at an offset the log may never reach (Prism
+    splits so)."""
+
+    def try_split(self, fraction_of_remainder: float) -> tuple[OffsetRange, OffsetRange] | None:
+        if fraction_of_remainder > 0:
+            return None
+        return super().try_split(0)
+
+
 class _PartitionRestrictionProvider(RestrictionProvider):
     def initial_restriction(self, element: PartitionSpec) -> OffsetRange:
         return OffsetRange(element.start_offset, END_OF_TIME)
 
     def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return OffsetRestrictionTracker(restriction)
+        return PartitionTracker(restriction)
 
     def restriction_size(self, element: PartitionSpec, restriction: OffsetRange) -> int:
         # Unknown and unbounded: a constant keeps the runner from splitting on size.
@@ -135,6 +148,10 @@ class ReadPartitionBatches(beam.DoFn):
         self,
         spec: PartitionSpec,
         tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_PartitionRestrictionProvider()),
+        # Holds the output watermark at processing time while the partition is read. Without a hold
+        # the watermark behind Create jumps to the end of time, and a runner that collects keyed
+        # state at the end of its window (Prism) drops the downstream state between bundles.
+        _watermark: Any = beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider()),
     ) -> Iterator[RecordBatch]:
         tp = TopicPartition(spec.topic, spec.partition)
         key = (spec.topic, spec.partition)

@@ -38,12 +38,19 @@ class ParsedBatch:
     next_offset: int
     records: list[Parsed] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    timestamps_ms: list[int] = field(default_factory=list)  # the Kafka record timestamps of `records`
     rejects: list[Reject] = field(default_factory=list)
     epoch: int = 0
     last_record: str | None = None
 
     def __len__(self) -> int:
         return len(self.records) + len(self.rejects)
+
+    @property
+    def batch_id(self) -> str:
+        """The batch's name in file names: partition, log epoch and offset range (unique across epochs)."""
+        return (f"{self.topic}-{self.partition}-e{self.epoch:06d}-{self.start_offset:020d}-"
+                f"{self.next_offset:020d}")
 
 
 beam.coders.registry.register_coder(ParsedBatch, BatchCoder)
@@ -61,7 +68,7 @@ def parse_batch(batch: RecordBatch, model: type[BaseModel], max_payload_bytes: i
     """Validate every record of a batch against `model` (pure; the DoFn below wraps it)."""
     out = ParsedBatch(batch.topic, batch.partition, batch.start_offset, batch.next_offset, epoch=batch.epoch,
                       last_record=batch.last_record())
-    for offset, key, value in zip(batch.offsets, batch.keys, batch.values):
+    for offset, key, value, timestamp in zip(batch.offsets, batch.keys, batch.values, batch.timestamps_ms):
         if value is None:
             reason = "empty record (null value)"
         elif len(value) > max_payload_bytes:
@@ -70,6 +77,7 @@ def parse_batch(batch: RecordBatch, model: type[BaseModel], max_payload_bytes: i
             try:
                 out.records.append(model.model_validate_json(value))
                 out.offsets.append(offset)
+                out.timestamps_ms.append(timestamp)
                 continue
             except ValidationError as exc:
                 reason = _reason(exc)

@@ -22,14 +22,21 @@ from typing import Any, Callable, Iterator
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from ingest.epochs import LogRestartedError, start_new_epochs
 from ingest.config import KafkaConfig
+from ingest.epochs import LogRestartedError, start_new_epochs
 from ingest.events import EngagementEvent, ItemUpsert
+from ingest.folds import UserFoldSettings
 from ingest.kafka_clients import end_offsets, topic_partitions
 from ingest.kafka_source import PartitionSpec, ReadFromKafkaPartitions
 from ingest.parse import ParsedBatch, ParseRecords
 from ingest.sinks import ApplyBatches, SinkSettings, close_shared_appliers
 from ingest.state_store import PipelineStateStore, ReadPosition
+from ingest.transforms.batches import GatherUserBatches
+from ingest.transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, split_dead_letters
+from ingest.transforms.item_state import FoldItems, KeepItemMetadata
+from ingest.transforms.stores import StoreSettings
+from ingest.transforms.user_state import FoldUsers
+from ingest.transforms.writes import WriteItemMetadata, WriteItemStats, WriteUserBatches
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +105,45 @@ def build(pipeline: beam.Pipeline, settings: SinkSettings, partitions: list[Part
     )
 
 
+def build_with_runner_state(pipeline: beam.Pipeline, settings: SinkSettings, partitions: list[PartitionSpec]) -> None:
+    """The same ingestion with every piece of state in the runner (Beam keyed state, which Flink or
+    Dataflow checkpoint and redistribute): parse -> dead letters; per-user folds -> the batch put
+    back together -> training log and user views; per-item folds -> item_stats; upserts ->
+    item_metadata. The folds and frames are those of the embedded backend (ingest/folds.py,
+    ingest/frames.py); only where the state lives differs."""
+    kafka, cfg = settings.kafka, settings.pipeline
+    stores = StoreSettings(settings.feast, settings.feast_repo_dir, settings.training_log_dir, cfg.durable)
+    models = {kafka.events_topic: EngagementEvent, kafka.items_topic: ItemUpsert}
+    parsed = (
+        pipeline
+        | "ReadKafka" >> ReadFromKafkaPartitions(kafka, partitions, cfg.poll_max_records, cfg.poll_timeout_ms)
+        | "ParseAndValidate" >> beam.ParDo(ParseRecords(models, cfg.max_payload_bytes)).with_output_types(ParsedBatch)
+        | "SplitDeadLetters" >> beam.FlatMap(split_dead_letters).with_outputs(DEAD_LETTERS, main="batches")
+    )
+    events = parsed.batches | "Events" >> beam.Filter(lambda b: b.topic == kafka.events_topic)
+    upserts = parsed.batches | "Upserts" >> beam.Filter(lambda b: b.topic == kafka.items_topic)
+    folded = events | "FoldUsers" >> FoldUsers(UserFoldSettings.of(cfg), stores)
+    ((parsed[DEAD_LETTERS], folded[DEAD_LETTERS]) | "AllDeadLetters" >> beam.Flatten()
+     | "WriteDeadLetters" >> WriteDeadLetters(kafka))
+    user_batches = folded.updates | "GatherUserBatches" >> GatherUserBatches()
+    user_batches | "WriteUserBatches" >> beam.ParDo(WriteUserBatches(stores))
+    user_batches | "FoldItems" >> FoldItems(stores) | "WriteItemStats" >> beam.ParDo(WriteItemStats(stores))
+    upserts | "WriteItemMetadata" >> beam.ParDo(WriteItemMetadata(stores))
+    upserts | "KeepItemMetadata" >> KeepItemMetadata(stores)
+
+
 def pipeline_options(runner: str, streaming: bool, extra_args: list[str] | None = None) -> PipelineOptions:
-    options = PipelineOptions(extra_args or [])
+    args = list(extra_args or [])
+    if runner == "PrismRunner":
+        # Beam's DirectRunner tries Prism first (fetching its binary from the internet, which fails
+        # here) and keeps that job server for the whole process: a Prism run must start its own.
+        args.append("--experiments=disable_prism_server_singleton")
+        # Prism (v2.77.0) splits a slow bundle and frees the keys of the residual elements while the
+        # primary half may still hold the same key, so a second bundle reads that key's state before
+        # the first commits it and one of the two updates is lost. Without splits a key's elements
+        # stay in one bundle at a time, as on Flink.
+        args.append("--experiments=prism_disable_sdf_split")
+    options = PipelineOptions(args)
     options.view_as(StandardOptions).runner = runner
     options.view_as(StandardOptions).streaming = streaming
     if runner == "DirectRunner":

@@ -1,11 +1,14 @@
-"""The pipeline's sinks, applied batch by batch with one commit protocol.
+"""The embedded state backend's sinks, applied batch by batch with one commit protocol (the
+DirectRunner keeps no state of its own; on a runner that does, ingest/transforms/ holds the
+state and writes instead, through the same folds and frames).
 
 For each parsed batch, under one process-wide lock:
-  1. rejects go to the dead-letter topic (value = the original bytes, the reason in headers),
-     and the producer is flushed;
-  2. one state transaction: de-duplicate by event_id, fold events into user histories, users'
-     latest context values, item stats and co-occurrences, replace item metadata, stage the training-log files and the
-     Feast offline files, record the offsets and a pending-publication entry; commit;
+  1. one state transaction: fold the events into their users' state (ingest/folds.py:
+     de-duplication, histories, latest context values, pairs), merge item stats and
+     co-occurrences, replace item metadata, stage the training-log files and the Feast offline
+     files, record the offsets and a pending-publication entry;
+  2. before its commit, rejects and expired events go to the dead-letter topic (value = the
+     original bytes, the reason in headers) and the producer is flushed; commit;
   3. publish: rename the staged files into place, push the changed entities' absolute
      feature values to the Feast online store, clear the pending entry;
   4. commit the partition's read position to the Kafka consumer group (so standard tools see
@@ -54,15 +57,15 @@ from ingest.config import KafkaConfig, PipelineConfig
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.kafka_clients import make_consumer, make_producer
 from ingest.parse import ParsedBatch, Reject
-from ingest.folds import ItemMetadata, ItemStats, UserContext, UserFoldSettings, UserHistory
+from ingest.folds import UserFoldSettings
+from ingest.frames import user_context_frame, view_frames
 from ingest.state_store import PipelineStateStore
 from ingest.training_log import TrainingLogWriter
+from ingest.transforms.dead_letters import expired_dead_letter, send_dead_letters
 
 log = logging.getLogger(__name__)
 
 VIEWS = ("user_history", "item_stats", "item_metadata")  # the views this pipeline writes (+ user_context)
-EXPIRED_REASON = ("older than the de-duplication retention (pipeline.dedup_retention_s) behind the user's newest "
-                  "event: cannot be told from a duplicate, so not applied")
 
 
 @dataclass(frozen=True)
@@ -101,73 +104,6 @@ class ProgressReporter:
                   f"{t['items']:,} item upserts, {t['rejected'] + t['expired']:,} to the DLQ", flush=True)
 
 
-def user_history_frame(users: list[UserHistory]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "user_id": [u.user_id for u in users],
-        "history_item_ids": [u.item_ids for u in users],
-        "history_rewards": [[float(r) for r in u.rewards] for u in users],
-        "history_times": [[int(t) for t in u.times] for u in users],
-        "event_count": [u.event_count for u in users],
-        "event_timestamp": pd.to_datetime([u.last_event_time for u in users], unit="s", utc=True),
-    })
-
-
-def _feature_value(spec: ContextFeatureSpec, value: Any) -> str | float | None:
-    """A context value as user_context stores it: categorical as text, numeric as a float (None
-    when the value is not a number: the prompt then takes the feature's first bucket)."""
-    if spec.type == "categorical":
-        return str(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def user_context_frame(contexts: list[UserContext], specs: list[ContextFeatureSpec]) -> pd.DataFrame:
-    """The user_context rows of the users holding a value of at least one registered feature."""
-    kept = [c for c in contexts if any(s.name in c.values for s in specs)]
-    frame = {"user_id": [c.user_id for c in kept]}
-    for spec in specs:
-        frame[spec.name] = [_feature_value(spec, c.values[spec.name][0]) if spec.name in c.values else None
-                            for c in kept]
-    frame["event_timestamp"] = pd.to_datetime([c.written_us for c in kept], unit="us", utc=True)
-    return pd.DataFrame(frame)
-
-
-def item_stats_frame(items: list[ItemStats]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "item_id": [s.item_id for s in items],
-        "impressions": [s.impressions for s in items],
-        "clicks": [s.clicks for s in items],
-        "event_count": [s.event_count for s in items],
-        "mean_reward": [s.mean_reward for s in items],
-        "last_event_time": [s.last_event_time for s in items],
-        "event_timestamp": pd.to_datetime([s.last_event_time for s in items], unit="s", utc=True),
-    })
-
-
-def item_metadata_frame(items: list[ItemMetadata]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "item_id": [m.item_id for m in items],
-        "title": [m.title for m in items],
-        "tags": [m.tags for m in items],
-        "published_at": pd.array([m.published_at for m in items], dtype="Int64"),
-        "event_timestamp": pd.to_datetime([m.updated_at for m in items], unit="s", utc=True),
-    })
-
-
-def expired_rejects(batch: ParsedBatch, expired: list[EngagementEvent], offset_of: dict[str, int]) -> list[Reject]:
-    """Dead letters for events older than the de-duplication retention (the event re-encoded as JSON)."""
-    return [Reject(batch.topic, batch.partition, offset_of[e.event_id], e.user_id.encode(),
-                   e.model_dump_json().encode(), EXPIRED_REASON) for e in expired]
-
-
-def batch_id_of(batch: ParsedBatch) -> str:
-    """The batch's name in file names: partition, log epoch and offset range (unique across epochs)."""
-    return (f"{batch.topic}-{batch.partition}-e{batch.epoch:06d}-{batch.start_offset:020d}-"
-            f"{batch.next_offset:020d}")
-
-
 class BatchApplier:
     """Applies parsed batches to every sink with the commit protocol above. Thread-safe."""
 
@@ -191,37 +127,30 @@ class BatchApplier:
         return self._producer
 
     def _send_rejects(self, rejects: list[Reject]) -> None:
-        if not rejects:
-            return
-        producer = self._dlq_producer()
-        for reject in rejects:
-            headers = [
-                ("plum.dlq.reason", reject.reason.encode()),
-                ("plum.source.topic", reject.topic.encode()),
-                ("plum.source.partition", str(reject.partition).encode()),
-                ("plum.source.offset", str(reject.offset).encode()),
-            ]
-            producer.send(self.settings.kafka.dlq_topic, key=reject.key, value=reject.value, headers=headers)
-        producer.flush()
+        if rejects:
+            send_dead_letters(self._dlq_producer(), self.settings.kafka.dlq_topic, rejects)
 
     def apply(self, batch: ParsedBatch) -> dict[str, int]:
         """Apply one batch to all sinks; returns counts of what it did."""
         with self.lock:
             specs = self._context_features()
-            batch_id = batch_id_of(batch)
+            batch_id = batch.batch_id
             events = [r for r in batch.records if isinstance(r, EngagementEvent)]
             upserts = [r for r in batch.records if isinstance(r, ItemUpsert)]
+            upserted_at = [t // 1000 for r, t in zip(batch.records, batch.timestamps_ms, strict=True)
+                           if isinstance(r, ItemUpsert)]
             offset_of = {r.event_id: o for r, o in zip(batch.records, batch.offsets) if isinstance(r, EngagementEvent)}
             self.state.begin()
             try:
                 changes = self.state.apply_events(events)
                 # Before the commit: a crash after it must not lose a dead letter (a crash before
                 # it re-reads the batch and may send one twice).
-                self._send_rejects(batch.rejects + expired_rejects(batch, changes.expired, offset_of))
-                metadata = self.state.apply_items(upserts, int(time.time())) if upserts else []
+                self._send_rejects(batch.rejects + [expired_dead_letter(batch.topic, batch.partition, offset_of[e.event_id], e)
+                                                    for e in changes.expired])
+                metadata = self.state.apply_items(upserts, upserted_at) if upserts else []
                 self.training_log.stage(batch_id, changes.new_events, changes.rewards, batch.partition,
                                         [offset_of[e.event_id] for e in changes.new_events], batch.epoch)
-                frames = self._frames(changes.users, changes.items, metadata, changes.contexts, specs)
+                frames = view_frames(changes.users, changes.items, metadata, changes.contexts, specs)
                 for view, frame in frames.items():
                     self.features.stage_offline(view, frame, batch_id)
                 self.state.record_batch(batch.topic, batch.partition, batch.start_offset, batch.next_offset,
@@ -266,21 +195,6 @@ class BatchApplier:
                   f"{pushed:,} users are now in the online store (view {USER_CONTEXT})", flush=True)
         return specs
 
-    def _frames(self, users: list[UserHistory], items: list[ItemStats], metadata: list[ItemMetadata],
-                contexts: list[UserContext], specs: list[ContextFeatureSpec]) -> dict[str, pd.DataFrame]:
-        frames = {}
-        if specs and contexts:
-            context = user_context_frame(contexts, specs)
-            if len(context):
-                frames[USER_CONTEXT] = context
-        if users:
-            frames["user_history"] = user_history_frame(users)
-        if items:
-            frames["item_stats"] = item_stats_frame(items)
-        if metadata:
-            frames["item_metadata"] = item_metadata_frame(metadata)
-        return frames
-
     def _publish(self, batch_id: str, frames: dict[str, pd.DataFrame]) -> None:
         self.training_log.publish(batch_id)
         for view, frame in frames.items():
@@ -317,7 +231,7 @@ class BatchApplier:
                     self.features.discard_offline(view, batch_id)
             for batch_id, users, items, metadata_items in pending:
                 # A batch's context changes are among its users' contexts; pushing all of them is harmless.
-                frames = self._frames(
+                frames = view_frames(
                     list(self.state.load_users(users).values()),
                     list(self.state.load_items(items).values()),
                     list(self.state.load_metadata(metadata_items).values()),

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from ingest.events import EngagementEvent, ItemUpsert
 from ingest.folds import (ItemMetadata, ItemStats, UserContext, UserFoldSettings, UserHistory, UserState, fold_user,
-                          item_contributions, merge_into, restate_context)
+                          item_contributions, item_metadata, merge_into, restate_context)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen_event_ids (
@@ -355,14 +355,10 @@ class PipelineStateStore:
         return BatchChanges(new_events, rewards, duplicates, expired, histories, list(items.values()), [],
                             contexts_changed)
 
-    def apply_items(self, upserts: list[ItemUpsert], updated_at: int) -> list[ItemMetadata]:
-        """Item upserts replace the item's metadata; the last upsert of a batch wins."""
-        latest = {u.item_id: u for u in upserts}
-        rows = [
-            ItemMetadata(u.item_id, u.title, list(u.tags),
-                         int(u.published_at.timestamp()) if u.published_at else None, u.description, updated_at)
-            for u in latest.values()
-        ]
+    def apply_items(self, upserts: list[ItemUpsert], updated_at: list[int]) -> list[ItemMetadata]:
+        """Item upserts replace the item's metadata; the last upsert of a batch wins. `updated_at`:
+        unix seconds of each upsert (its record's Kafka timestamp)."""
+        rows = item_metadata(upserts, updated_at)
         self.db.executemany(
             "INSERT OR REPLACE INTO item_metadata VALUES (?,?,?,?,?,?)",
             ((m.item_id, m.title, json.dumps(m.tags), m.published_at, m.description, m.updated_at) for m in rows),

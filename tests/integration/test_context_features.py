@@ -156,12 +156,13 @@ def test_a_running_pipeline_fills_a_feature_registered_meanwhile(plum_config):
     try:
         first = [e.model_copy(update={"context": {"hour": 7 + u, "device": "tv"}})
                  for u in range(4) for e in user_events(u, 2)]
-        applier.apply(ParsedBatch(cfg.kafka.events_topic, 0, 0, len(first), first, list(range(len(first)))))
+        applier.apply(ParsedBatch(cfg.kafka.events_topic, 0, 0, len(first), first, list(range(len(first))),
+                                  [0] * len(first)))
         FeatureStoreClient(cfg.feast_repo_dir, cfg.feast).register_context_feature(
             ContextFeatureSpec(name="hour", type="numeric", buckets=(6, 12, 18)))
         later = [e.model_copy(update={"context": {"hour": "late"}}) for e in user_events(4, 2)]
         applier.apply(ParsedBatch(cfg.kafka.events_topic, 0, len(first), len(first) + 2, later,
-                                  list(range(len(first), len(first) + 2))))
+                                  list(range(len(first), len(first) + 2)), [0, 0]))
         online = applier.features.read_online("user_context", [f"user-{u}" for u in range(6)])
         # users 0-3 backfilled from the first batch; a non-number is stored as missing; user-5 unknown
         assert online["hour"].tolist() == [7.0, 8.0, 9.0, 10.0, None, None]

@@ -11,7 +11,7 @@ import pytest
 
 from features import FeatureStoreClient, FeatureStoreError
 from features.config import FeastConfig, OnlineStoreConfig
-from ingest.sinks import item_metadata_frame, item_stats_frame, user_history_frame
+from ingest.frames import item_metadata_frame, item_stats_frame, user_history_frame
 from ingest.folds import ItemMetadata, ItemStats, UserHistory
 from ops.broker import free_port, port_is_open, stop_process
 
