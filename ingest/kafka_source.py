@@ -148,9 +148,9 @@ class ReadPartitionBatches(beam.DoFn):
         self,
         spec: PartitionSpec,
         tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_PartitionRestrictionProvider()),
-        # Holds the output watermark at processing time while the partition is read. Without a hold
-        # the watermark behind Create jumps to the end of time, and a runner that collects keyed
-        # state at the end of its window (Prism) drops the downstream state between bundles.
+        # Holds the output watermark at processing time while the partition is read, so the
+        # watermark behind Create does not reach the end of time under an unbounded read (a runner
+        # collects keyed state at the end of its window).
         _watermark: Any = beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider()),
     ) -> Iterator[RecordBatch]:
         tp = TopicPartition(spec.topic, spec.partition)
