@@ -46,6 +46,12 @@ class ParsedBatch:
     def __len__(self) -> int:
         return len(self.records) + len(self.rejects)
 
+    def upserts(self) -> tuple[list[ItemUpsert], list[int], list[int]]:
+        """The batch's item upserts, their offsets and their records' Kafka timestamps in unix seconds."""
+        rows = [(r, o, t // 1000) for r, o, t in zip(self.records, self.offsets, self.timestamps_ms, strict=True)
+                if isinstance(r, ItemUpsert)]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
     @property
     def batch_id(self) -> str:
         """The batch's name in file names: partition, log epoch and offset range (unique across epochs)."""

@@ -54,7 +54,7 @@ from features.config import FeastConfig
 from features.registry import ContextFeatureSpec
 from features.repo import USER_CONTEXT
 from ingest.config import KafkaConfig, PipelineConfig
-from ingest.events import EngagementEvent, ItemUpsert
+from ingest.events import EngagementEvent
 from ingest.kafka_clients import make_consumer, make_producer
 from ingest.parse import ParsedBatch, Reject
 from ingest.folds import UserFoldSettings
@@ -136,17 +136,16 @@ class BatchApplier:
             specs = self._context_features()
             batch_id = batch.batch_id
             events = [r for r in batch.records if isinstance(r, EngagementEvent)]
-            upserts = [r for r in batch.records if isinstance(r, ItemUpsert)]
-            upserted_at = [t // 1000 for r, t in zip(batch.records, batch.timestamps_ms, strict=True)
-                           if isinstance(r, ItemUpsert)]
+            upserts, _, upserted_at = batch.upserts()
             offset_of = {r.event_id: o for r, o in zip(batch.records, batch.offsets) if isinstance(r, EngagementEvent)}
             self.state.begin()
             try:
                 changes = self.state.apply_events(events)
                 # Before the commit: a crash after it must not lose a dead letter (a crash before
                 # it re-reads the batch and may send one twice).
-                self._send_rejects(batch.rejects + [expired_dead_letter(batch.topic, batch.partition, offset_of[e.event_id], e)
-                                                    for e in changes.expired])
+                expired = [expired_dead_letter(batch.topic, batch.partition, offset_of[e.event_id], e)
+                           for e in changes.expired]
+                self._send_rejects(batch.rejects + expired)
                 metadata = self.state.apply_items(upserts, upserted_at) if upserts else []
                 self.training_log.stage(batch_id, changes.new_events, changes.rewards, batch.partition,
                                         [offset_of[e.event_id] for e in changes.new_events], batch.epoch)

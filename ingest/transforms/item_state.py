@@ -16,7 +16,6 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from ingest.events import ItemUpsert
 from ingest.folds import ItemMetadata, ItemStats, item_contributions, item_metadata, merge_item_stats
 from ingest.parse import ParsedBatch
 from ingest.transforms.batches import GatherParts, UserBatch
@@ -95,10 +94,9 @@ class PositionedMetadata:
 
 def metadata_by_item(batch: ParsedBatch) -> Iterator[tuple[str, PositionedMetadata]]:
     """(item_id, its last upsert in the batch); updated_at is the record's Kafka timestamp."""
-    upserts = [(r, o, t // 1000) for r, o, t in zip(batch.records, batch.offsets, batch.timestamps_ms, strict=True)
-               if isinstance(r, ItemUpsert)]
-    offset_of = {u.item_id: o for u, o, _ in upserts}
-    for metadata in item_metadata([u for u, _, _ in upserts], [t for _, _, t in upserts]):
+    upserts, offsets, upserted_at = batch.upserts()
+    offset_of = {u.item_id: o for u, o in zip(upserts, offsets)}  # the last upsert of each item
+    for metadata in item_metadata(upserts, upserted_at):
         yield metadata.item_id, PositionedMetadata((batch.epoch, offset_of[metadata.item_id]), metadata)
 
 

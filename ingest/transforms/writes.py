@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 
-from ingest.events import ItemUpsert
 from ingest.folds import item_metadata
 from ingest.frames import view_frames
 from ingest.parse import ParsedBatch
@@ -71,9 +70,8 @@ class WriteItemMetadata(_FeatureWriter):
     updated_at is the record's Kafka timestamp), offline under the batch id."""
 
     def process(self, batch: ParsedBatch) -> Iterator[str]:
-        upserts = [(r, t // 1000) for r, t in zip(batch.records, batch.timestamps_ms, strict=True)
-                   if isinstance(r, ItemUpsert)]
-        metadata = item_metadata([u for u, _ in upserts], [t for _, t in upserts])
+        upserts, _, upserted_at = batch.upserts()
+        metadata = item_metadata(upserts, upserted_at)
         if metadata:
             self.write_views(batch.batch_id, view_frames([], [], metadata, [], []))
         yield batch.batch_id

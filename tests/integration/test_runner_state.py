@@ -19,7 +19,7 @@ from kafka import TopicPartition
 from features import FeatureStoreClient
 from ingest.datasets import to_events, to_item_upserts
 from ingest.events import EngagementEvent
-from ingest.kafka_clients import ensure_topics, make_consumer
+from ingest.kafka_clients import end_offsets, ensure_topics, make_consumer, topic_partitions
 from ingest.kafka_source import PartitionSpec
 from ingest.pipeline import build_with_runner_state, log_ends, pipeline_options
 from ingest.producer import EventProducer
@@ -45,35 +45,34 @@ def _beside(cfg: PlumConfig, tmp_path: Path) -> PlumConfig:
     })
 
 
-def _dead_letters(cfg: PlumConfig) -> list[tuple[bytes, str]]:
+def _read_topic(cfg: PlumConfig, topic: str) -> list:
+    """Every record of a topic, to the ends its partitions have now."""
+    count = topic_partitions(cfg.kafka, [topic])[topic]
+    ends = end_offsets(cfg.kafka, topic, count)
     consumer = make_consumer(cfg.kafka)
-    tp = TopicPartition(cfg.kafka.dlq_topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    end = consumer.end_offsets([tp])[tp]
+    parts = [TopicPartition(topic, p) for p in range(count)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
     records: list = []
-    while consumer.position(tp) < end:
-        records.extend(consumer.poll(timeout_ms=500).get(tp, []))
+    while any(consumer.position(tp) < ends[tp.partition] for tp in parts):
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
     consumer.close()
-    return sorted((r.value, dict(r.headers)["plum.dlq.reason"].decode()) for r in records)
+    return records
+
+
+def _dead_letters(cfg: PlumConfig) -> list[tuple[bytes, str]]:
+    return sorted((r.value, dict(r.headers)["plum.dlq.reason"].decode()) for r in _read_topic(cfg, cfg.kafka.dlq_topic))
 
 
 def _offsets_by_event_id(cfg: PlumConfig) -> dict[str, set[int]]:
     """Where each event of the events topic was delivered (twice for a duplicate)."""
-    consumer = make_consumer(cfg.kafka)
-    parts = [TopicPartition(cfg.kafka.events_topic, p) for p in consumer.partitions_for_topic(cfg.kafka.events_topic)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    ends = consumer.end_offsets(parts)
     offsets: dict[str, set[int]] = {}
-    while any(consumer.position(tp) < ends[tp] for tp in parts):
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                try:
-                    offsets.setdefault(json.loads(record.value)["event_id"], set()).add(record.offset)
-                except (ValueError, KeyError):
-                    pass  # the bad records
-    consumer.close()
+    for record in _read_topic(cfg, cfg.kafka.events_topic):
+        try:
+            offsets.setdefault(json.loads(record.value)["event_id"], set()).add(record.offset)
+        except (ValueError, KeyError):
+            pass  # the bad records
     return offsets
 
 
@@ -146,4 +145,5 @@ def test_runner_owned_state_gives_the_embedded_outputs(plum_config, tmp_path, ru
     for view in (*USER_VIEWS, *ITEM_VIEWS):
         a, b = (_latest_offline(cfg, view) for cfg in (owned, embedded))
         pd.testing.assert_frame_equal(a, b, obj=f"offline {view}")
-    assert _dead_letters(owned) == _dead_letters(embedded) and len(_dead_letters(owned)) == 3
+    dead = _dead_letters(owned)
+    assert dead == _dead_letters(embedded) and len(dead) == 3
